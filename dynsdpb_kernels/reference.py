@@ -1,0 +1,104 @@
+"""Readable pure-PyTorch implementation of the per-row contract (see rows.py).
+
+It is the oracle the kernels are tested against, and the fallback where no kernel runs. It computes in
+float64 for float64 logits and in float32 otherwise, materialising a few (N, V) temporaries; the
+kernels compute the same quantities in one or two streaming passes over each row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .rows import N_ROW_TERMS, ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows
+
+
+def row_statistics(logits: torch.Tensor) -> torch.Tensor:
+    """(u, d) of each row of `logits` (M, V) at temperature 1, as an (M, 2) tensor of logits' dtype.
+
+    u = H(p) / ln V with p = softmax(x) and H(p) = -sum_j p_j ln p_j   (u = 0 when V == 1)
+    d = p_(1) - p_(2), the largest minus the second-largest probability (d = 1 when V == 1)
+    """
+    vocab_size = logits.shape[-1]
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    uncertainty = entropy / math.log(vocab_size) if vocab_size > 1 else torch.zeros_like(entropy)
+    top = log_p.topk(min(2, vocab_size), dim=-1).values.exp()
+    discrimination = top[:, 0] - top[:, 1] if vocab_size > 1 else top[:, 0]
+    return torch.stack([uncertainty.clamp(0, 1), discrimination.clamp(0, 1)], dim=-1)
+
+
+def reference_fused_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_rows: torch.Tensor | None,
+    teacher_index: torch.Tensor | None,
+    teacher_stats: torch.Tensor | None,
+    config: DistillConfig,
+    grad_scale: torch.Tensor,
+    compute_grad: bool,
+    grad_out: torch.Tensor | None = None,
+) -> FusedRows:
+    """Per-row terms, student statistics and gradient of the DynSDPB loss, in plain PyTorch.
+
+    Arguments follow rows.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
+    (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
+    """
+    compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    student = logits.to(compute_dtype)
+    n_rows, vocab_size = student.shape
+
+    valid = labels != config.ignore_index
+    label_in_range = (labels >= 0) & (labels < vocab_size)
+    safe_labels = torch.where(valid & label_in_range, labels, 0)
+    log_q1 = torch.log_softmax(student, dim=-1)
+    ce = -log_q1.gather(1, safe_labels[:, None]).squeeze(1)
+    ce = torch.where(valid, ce, 0.0)
+    ce = torch.where(valid & ~label_in_range, math.nan, ce)  # only reachable with validate=False
+
+    row_terms = torch.zeros(n_rows, N_ROW_TERMS, dtype=torch.float32, device=logits.device)
+    row_terms[:, ROW_CE] = ce.float()
+    student_stats = row_statistics(student).float()
+
+    grad = None
+    ce_scale, distill_scale = grad_scale.to(compute_dtype).unbind()
+    if compute_grad:
+        # d ce_r / d z_r = softmax(z_r) - onehot(y_r)
+        grad = log_q1.exp()
+        grad[torch.arange(n_rows, device=grad.device), safe_labels] -= 1.0
+        grad *= (valid & label_in_range)[:, None] * ce_scale
+
+    if teacher_rows is not None and teacher_index is not None:
+        distilled_rows = ((teacher_index >= 0) & valid).nonzero().squeeze(1)
+        index = teacher_index[distilled_rows]
+        teacher = teacher_rows[index].to(compute_dtype)
+        if teacher_stats is not None:
+            stats = teacher_stats[index].to(compute_dtype)
+        else:
+            stats = row_statistics(teacher)
+        uncertainty, discrimination = stats.unbind(-1)
+        if config.dynamic:
+            alpha = config.alpha * (1.0 - uncertainty)
+            tau = 1.0 + (config.tau - 1.0) * discrimination
+        else:
+            alpha = torch.full_like(uncertainty, config.alpha)
+            tau = torch.full_like(uncertainty, config.tau)
+        log_p = torch.log_softmax(teacher / tau[:, None], dim=-1)
+        log_q = torch.log_softmax(student[distilled_rows] / tau[:, None], dim=-1)
+        p = log_p.exp()
+        kl = (p * (log_p - log_q)).sum(-1)
+        row_terms[distilled_rows, ROW_KL] = kl.float()
+        row_terms[distilled_rows, ROW_ALPHA] = alpha.float()
+        row_terms[distilled_rows, ROW_TAU] = tau.float()
+        row_terms[distilled_rows, ROW_UNCERTAINTY] = uncertainty.float()
+        if grad is not None:
+            # d (alpha_r tau_r^2 kl_r) / d z_r = alpha_r tau_r (Q - P), alpha_r, tau_r and P held constant
+            grad[distilled_rows] += (distill_scale * alpha * tau)[:, None] * (log_q.exp() - p)
+
+    if grad is not None:
+        if grad_out is None:
+            grad = grad.to(logits.dtype)
+        else:
+            grad = grad_out.copy_(grad)
+    return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)

@@ -1,0 +1,88 @@
+"""The per-row kernel contract that every backend (Triton, reference, later C++) implements.
+
+A backend receives the student rows of one batch and, for each of them, an index into a table of
+teacher rows. It returns per-row loss terms, the (uncertainty, discrimination) statistics of every
+student row (the teacher statistics of the next step), and optionally the gradient of the reduced
+loss with respect to the student logits.
+
+Shapes (N student rows, R teacher rows, V vocabulary entries):
+
+    logits           (N, V)  float32 | bfloat16 | float16 | float64, unit stride along V
+    labels           (N,)    int64, ignore_index marks rows without a label
+    teacher_rows     (R, V)  any float dtype, or None for plain cross-entropy
+    teacher_index    (N,)    int64, row of teacher_rows that teaches row n, -1 for none
+    teacher_stats    (R, 2)  float32 (u, d) of each teacher row at temperature 1, or None
+    grad_scale       (2,)    float32 on the logits' device: (ce_scale, distill_scale), the
+                             factors the two gradient terms are multiplied by (1 / n_valid and
+                             1 / n_distilled for reduction="mean"), read by the kernel so that
+                             no host synchronisation is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Columns of FusedRows.row_terms.
+ROW_CE = 0  # ce_r = logsumexp(z_r) - z_r[y_r]; 0 on ignored rows
+ROW_KL = 1  # kl_r = KL(softmax(t_r / tau_r) || softmax(z_r / tau_r)); 0 unless distilled
+ROW_ALPHA = 2  # alpha_r; 0 unless distilled
+ROW_TAU = 3  # tau_r; 0 unless distilled
+ROW_UNCERTAINTY = 4  # the teacher's u_r; 0 unless distilled
+N_ROW_TERMS = 5
+
+# Columns of FusedRows.student_stats and of teacher_stats.
+STAT_UNCERTAINTY = 0  # u = H(softmax(x)) / ln V, in [0, 1] (0 when V == 1)
+STAT_DISCRIMINATION = 1  # d = p_(1) - p_(2), top-1 minus top-2 probability, in [0, 1]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Scalar options of the fused loss.
+
+    dynamic=True:  alpha_r = alpha * (1 - u_r),  tau_r = 1 + (tau - 1) * d_r
+    dynamic=False: alpha_r = alpha,              tau_r = tau   (the DLB loss)
+    where (u_r, d_r) are the teacher row's uncertainty and discrimination at temperature 1.
+    """
+
+    alpha: float = 1.0
+    tau: float = 3.0
+    dynamic: bool = True
+    ignore_index: int = -100
+
+
+@dataclass
+class FusedRows:
+    """What a backend returns for N student rows.
+
+    row_terms:     (N, 5) float32, columns ROW_CE, ROW_KL, ROW_ALPHA, ROW_TAU, ROW_UNCERTAINTY.
+    student_stats: (N, 2) float32 (u, d) of every student row at temperature 1.
+    grad:          (N, V) in the logits' dtype, or None when no gradient was requested:
+                   ce_scale * valid_r * (softmax(z_r) - onehot(y_r))
+                   + distill_scale * distilled_r * alpha_r * tau_r * (Q_r - P_r).
+    """
+
+    row_terms: torch.Tensor
+    student_stats: torch.Tensor
+    grad: torch.Tensor | None
+
+    @property
+    def ce(self) -> torch.Tensor:
+        return self.row_terms[:, ROW_CE]
+
+    @property
+    def kl(self) -> torch.Tensor:
+        return self.row_terms[:, ROW_KL]
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.row_terms[:, ROW_ALPHA]
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.row_terms[:, ROW_TAU]
+
+    @property
+    def uncertainty(self) -> torch.Tensor:
+        return self.row_terms[:, ROW_UNCERTAINTY]

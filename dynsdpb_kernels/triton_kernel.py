@@ -1,0 +1,303 @@
+"""Triton kernel of the fused DynSDPB loss: one program per student row, streaming over the vocabulary.
+
+Per row r (student logits z, label y, teacher logits t when the row has a teacher):
+
+    pre-pass (only when DYNAMIC and no teacher statistics were given): (u, d) of t at temperature 1,
+              because tau_r must be known before the temperature-tau sums of pass 1 can start.
+    pass 1:   online max / sum states of z at temperature 1 (cross-entropy and the student's own
+              (u, d)), of z at tau_r and of t at tau_r.
+    pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
+
+Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
+Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows
+
+# Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
+# live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _log1p(x):
+    # log(1 + x) without losing x when x < float32 eps (Goldberg's trick): with w = 1 + x rounded,
+    # log(w) * x / (w - 1) is accurate to a few ulp; w == 1 means log1p(x) = x to float32 precision.
+    w = 1.0 + x
+    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
+
+
+@triton.jit
+def _merge_row_stats(m1, m2, s_rest, ent, x, mask, BLOCK_V: tl.constexpr):
+    """Fold one block x (masked lanes hold -inf) into the temperature-1 state of a row.
+
+    m1, m2  largest and second-largest logit seen so far
+    s_rest  sum over all entries but one occurrence of the maximum of exp(x_j - m1), so that
+            sum_j exp(x_j - m1) = 1 + s_rest; keeping the 1 apart keeps 1 - p_(1) = s_rest / (1 + s_rest)
+            and log(1 + s_rest) exact for confident rows, where 1 + s_rest rounds to 1.
+    ent     sum_j exp(x_j - m1) * (x_j - m1), so that H = log(1 + s_rest) - ent / (1 + s_rest)
+    """
+    lane = tl.arange(0, BLOCK_V)
+    block_max = tl.max(x, axis=0)
+    block_arg = tl.argmax(x, axis=0)
+    block_second = tl.max(tl.where(lane == block_arg, float("-inf"), x), axis=0)
+    new_m1 = tl.maximum(m1, block_max)
+    new_m2 = tl.maximum(tl.minimum(m1, block_max), tl.maximum(m2, block_second))
+
+    shifted = tl.where(mask, x - new_m1, 0.0)
+    weights = tl.where(mask, tl.exp(shifted), 0.0)
+    block_ent = tl.sum(weights * shifted, axis=0)
+    max_moved = block_max > m1
+    # When the maximum moves into this block, the old maximum's 1 joins the rest (rescaled) and the
+    # block's own maximum is left out; otherwise the whole block joins the rest.
+    old_shift = tl.where(m1 > float("-inf"), m1 - new_m1, 0.0)  # 0 before the first block: no state yet
+    scale = tl.exp(m1 - new_m1)
+    block_rest = tl.sum(tl.where(lane == block_arg, 0.0, weights), axis=0)
+    s_rest_moved = scale * (s_rest + 1.0) + block_rest
+    s_rest_kept = s_rest + tl.sum(weights, axis=0)
+    # ent rescales as exp(m1 - m1') * (ent + (m1 - m1') * sum); before the first block scale = 0 and
+    # old_shift = 0, so nothing is carried (and no 0 * inf appears).
+    ent_moved = scale * (ent + old_shift * (1.0 + s_rest))
+    new_s_rest = tl.where(max_moved, s_rest_moved, s_rest_kept)
+    new_ent = tl.where(max_moved, ent_moved, ent) + block_ent
+    return new_m1, new_m2, new_s_rest, new_ent
+
+
+@triton.jit
+def _finish_row_stats(m1, m2, s_rest, ent, inv_log_v):
+    """(u, d) from a finished temperature-1 state: u = H / ln V, d = (1 - exp(m2 - m1)) / (1 + s_rest)."""
+    total = 1.0 + s_rest
+    entropy = _log1p(s_rest) - ent / total
+    return _clamp_unit(entropy * inv_log_v), _clamp_unit((1.0 - tl.exp(m2 - m1)) / total)
+
+
+@triton.jit
+def _clamp_unit(x):
+    # Clamp rounding excursions into [0, 1] while letting NaN through, so non-finite input stays visible.
+    nan_visible = tl.PropagateNan.ALL
+    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=nan_visible), 1.0, propagate_nan=nan_visible)
+
+
+@triton.jit
+def _dynsdpb_row_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    teacher_ptr,
+    teacher_row_stride,
+    teacher_index_ptr,
+    teacher_stats_ptr,
+    grad_ptr,
+    grad_row_stride,
+    row_terms_ptr,
+    student_stats_ptr,
+    grad_scale_ptr,
+    V,
+    ignore_index,
+    alpha,
+    tau,
+    inv_log_v,
+    HAS_TEACHER: tl.constexpr,
+    HAS_TEACHER_STATS: tl.constexpr,
+    DYNAMIC: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
+    logits_row = logits_ptr + row * logits_row_stride
+    lane = tl.arange(0, BLOCK_V)
+
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    label_in_range = (label >= 0) & (label < V)
+
+    teacher_id = -1
+    if HAS_TEACHER:
+        teacher_id = tl.load(teacher_index_ptr + row)
+    distilled = valid & (teacher_id >= 0)
+    teacher_row = teacher_ptr + tl.maximum(teacher_id, 0) * teacher_row_stride
+
+    # Teacher statistics (u, d) at temperature 1: given, or from a pre-pass when tau_r needs them.
+    t_uncertainty = 0.0
+    t_discrimination = 0.0
+    if HAS_TEACHER_STATS:
+        if distilled:
+            t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * 2).to(tl.float32)
+            t_discrimination = tl.load(teacher_stats_ptr + teacher_id * 2 + 1).to(tl.float32)
+    elif DYNAMIC:
+        if distilled:
+            tm1 = float("-inf")
+            tm2 = float("-inf")
+            ts_rest = 0.0
+            tent = 0.0
+            for start in range(0, V, BLOCK_V):
+                cols = start + lane
+                mask = cols < V
+                t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
+            t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
+
+    if DYNAMIC:
+        alpha_r = alpha * (1.0 - t_uncertainty)
+        tau_r = 1.0 + (tau - 1.0) * t_discrimination
+    else:
+        alpha_r = alpha + 0.0 * t_uncertainty
+        tau_r = tau + 0.0 * t_discrimination
+    inv_tau = 1.0 / tau_r
+
+    # Pass 1. Student at temperature 1 (zm1, zm2, zs_rest, zent); student at tau_r shares the maximum
+    # zm1 since max(z / tau) = max(z) / tau: zs_tau = sum_j exp((z_j - zm1) / tau_r). Teacher at tau_r:
+    # tm1, ts_tau likewise, and its temperature-1 state when its statistics are still unknown.
+    zm1 = float("-inf")
+    zm2 = float("-inf")
+    zs_rest = 0.0
+    zent = 0.0
+    zs_tau = 0.0
+    tm1 = float("-inf")
+    tm2 = float("-inf")
+    ts_rest = 0.0
+    tent = 0.0
+    ts_tau = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + lane
+        mask = cols < V
+        z = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        zm1_old = zm1
+        zm1, zm2, zs_rest, zent = _merge_row_stats(zm1, zm2, zs_rest, zent, z, mask, BLOCK_V)
+        if distilled:
+            zs_tau = zs_tau * tl.exp((zm1_old - zm1) * inv_tau) + tl.sum(
+                tl.where(mask, tl.exp((z - zm1) * inv_tau), 0.0), axis=0
+            )
+            t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            tm1_old = tm1
+            if HAS_TEACHER_STATS or DYNAMIC:
+                tm1 = tl.maximum(tm1, tl.max(t, axis=0))
+            else:
+                tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
+            ts_tau = ts_tau * tl.exp((tm1_old - tm1) * inv_tau) + tl.sum(
+                tl.where(mask, tl.exp((t - tm1) * inv_tau), 0.0), axis=0
+            )
+
+    if not HAS_TEACHER_STATS and not DYNAMIC:
+        if distilled:
+            t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
+
+    # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
+    # first term is exactly 0 and the loss keeps its precision for confident rows.
+    z_label = tl.load(logits_row + label, mask=valid & label_in_range, other=0.0).to(tl.float32)
+    ce = tl.where(valid, (zm1 - z_label) + _log1p(zs_rest), 0.0)
+    ce = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), ce)
+
+    # d ce / d z_y = p_y - 1; for the argmax this is -zs_rest / (1 + zs_rest), exact where p_y - 1 would
+    # cancel (a confident bfloat16 row keeps its tiny true-class gradient).
+    zs_total = 1.0 + zs_rest
+    label_grad = tl.where(z_label == zm1, -zs_rest / zs_total, tl.exp(z_label - zm1) / zs_total - 1.0)
+    ce_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    distill_scale = tl.load(grad_scale_ptr + 1).to(tl.float32)
+    ce_coef = tl.where(valid & label_in_range, ce_scale, 0.0)
+    # d (alpha_r tau_r^2 KL(P || Q)) / dz = alpha_r tau_r (Q - P)  (alpha_r, tau_r and P are constants)
+    kl_coef = distill_scale * alpha_r * tau_r
+    log_zs_tau = tl.log(tl.where(distilled, zs_tau, 1.0))  # the sums are 0 on rows without a teacher
+    log_ts_tau = tl.log(tl.where(distilled, ts_tau, 1.0))
+
+    # Pass 2: KL(P || Q) = sum_j P_j (log P_j - log Q_j), with log P_j = (t_j - tm1) / tau_r - log ts_tau
+    # and log Q_j = (z_j - zm1) / tau_r - log zs_tau; and the gradient, stored once per element.
+    kl = 0.0
+    if distilled | COMPUTE_GRAD:
+        grad_row = grad_ptr + row * grad_row_stride
+        for start in range(0, V, BLOCK_V):
+            cols = start + lane
+            mask = cols < V
+            z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            if COMPUTE_GRAD:
+                probs = tl.exp(z - zm1) / zs_total
+                grad = ce_coef * tl.where(cols == label, label_grad, probs)
+            if distilled:
+                t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
+                log_p = (t - tm1) * inv_tau - log_ts_tau
+                log_q = (z - zm1) * inv_tau - log_zs_tau
+                p = tl.exp(log_p)
+                kl += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), axis=0)
+                if COMPUTE_GRAD:
+                    grad += kl_coef * (tl.exp(log_q) - p)
+            if COMPUTE_GRAD:
+                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
+    tl.store(student_stats_ptr + row * 2, z_uncertainty)
+    tl.store(student_stats_ptr + row * 2 + 1, z_discrimination)
+    terms = row_terms_ptr + row * 5
+    tl.store(terms, ce)
+    tl.store(terms + 1, kl)
+    tl.store(terms + 2, tl.where(distilled, alpha_r, 0.0))
+    tl.store(terms + 3, tl.where(distilled, tau_r, 0.0))
+    tl.store(terms + 4, tl.where(distilled, t_uncertainty, 0.0))
+
+
+def triton_fused_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_rows: torch.Tensor | None,
+    teacher_index: torch.Tensor | None,
+    teacher_stats: torch.Tensor | None,
+    config: DistillConfig,
+    grad_scale: torch.Tensor,
+    compute_grad: bool,
+    grad_out: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> FusedRows:
+    """Launch the fused kernel; arguments and results follow rows.py.
+
+    `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
+    the vocabulary block width (a power of two), which tests use to force several blocks.
+    """
+    n_rows, vocab_size = logits.shape
+    device = logits.device
+    row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32, device=device)
+    student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
+    grad = None
+    if compute_grad:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    if n_rows == 0:
+        return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
+
+    has_teacher = teacher_rows is not None and teacher_index is not None
+    if block_v is None:
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
+    placeholder = row_terms
+    _dynsdpb_row_kernel[(n_rows,)](
+        logits,
+        logits.stride(0),
+        labels,
+        teacher_rows if has_teacher else placeholder,
+        teacher_rows.stride(0) if has_teacher else 0,
+        teacher_index if has_teacher else labels,
+        teacher_stats if teacher_stats is not None else placeholder,
+        grad if grad is not None else logits,
+        grad.stride(0) if grad is not None else 0,
+        row_terms,
+        student_stats,
+        grad_scale,
+        vocab_size,
+        config.ignore_index,
+        float(config.alpha),
+        float(config.tau),
+        1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+        HAS_TEACHER=has_teacher,
+        HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
+        DYNAMIC=config.dynamic,
+        COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )
+    return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
