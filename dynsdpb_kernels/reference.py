@@ -53,8 +53,11 @@ def reference_fused_rows(
     label_in_range = (labels >= 0) & (labels < vocab_size)
     safe_labels = torch.where(valid & label_in_range, labels, 0)
     log_q1 = torch.log_softmax(student, dim=-1)
-    ce = -log_q1.gather(1, safe_labels[:, None]).squeeze(1)
-    ce = torch.where(valid, ce, 0.0)
+    # ce = logsumexp(z) - z_y = softplus(log sum_{j != y} exp z_j - z_y): exact also when p_y -> 1, where
+    # logsumexp(z) - z_y cancels; likewise p_y - 1 = -exp(log sum_{j != y} exp z_j - logsumexp(z)).
+    label_logit = student.gather(1, safe_labels[:, None]).squeeze(1)
+    log_rest = student.scatter(1, safe_labels[:, None], -math.inf).logsumexp(-1)
+    ce = torch.where(valid, torch.nn.functional.softplus(log_rest - label_logit), 0.0)
     ce = torch.where(valid & ~label_in_range, math.nan, ce)  # only reachable with validate=False
 
     row_terms = torch.zeros(n_rows, N_ROW_TERMS, dtype=torch.float32, device=logits.device)
@@ -66,7 +69,7 @@ def reference_fused_rows(
     if compute_grad:
         # d ce_r / d z_r = softmax(z_r) - onehot(y_r)
         grad = log_q1.exp()
-        grad[torch.arange(n_rows, device=grad.device), safe_labels] -= 1.0
+        grad.scatter_(1, safe_labels[:, None], -torch.exp(log_rest - student.logsumexp(-1))[:, None])
         grad *= (valid & label_in_range)[:, None] * ce_scale
 
     if teacher_rows is not None and teacher_index is not None:

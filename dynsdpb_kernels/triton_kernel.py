@@ -32,7 +32,22 @@ def _log1p(x):
     # log(1 + x) without losing x when x < float32 eps (Goldberg's trick): with w = 1 + x rounded,
     # log(w) * x / (w - 1) is accurate to a few ulp; w == 1 means log1p(x) = x to float32 precision.
     w = 1.0 + x
-    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
+    return tl.where(w == 1.0, x, tl.log(w) * (x / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 -> dtype, rounding to nearest even.
+
+    For bfloat16 the rounding is spelled out (add 0x7FFF plus the lowest kept bit, drop 16 bits), which is
+    what the GPU's cvt.rn.bf16.f32 does, because Triton's CPU interpreter truncates that cast instead.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -230,7 +245,7 @@ def _dynsdpb_row_kernel(
                 if COMPUTE_GRAD:
                     grad += kl_coef * (tl.exp(log_q) - p)
             if COMPUTE_GRAD:
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=mask)
 
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
