@@ -250,7 +250,8 @@ def fused_loss(
 ) -> tuple[torch.Tensor, FusedRows]:
     """Reduced loss and per-row results on the row contract (rows.py), without autograd.
 
-    Returns (loss, rows): loss is a 0-d float32 tensor, or (N,) for reduction="none"; rows.grad is the
+    Returns (loss, rows): loss is a 0-d float32 tensor (float64 for float64 logits), or (N,) for
+    reduction="none"; rows.grad is the
     gradient of that loss (of its sum for "none") when compute_grad is set.
     """
     _check_options(options)
@@ -383,7 +384,8 @@ def dynsdpb_loss(
             of computing a wrong gradient). Needs contiguous logits.
 
     Returns:
-        loss (float32: 0-d, or logits' leading shape for "none"), and LossStats when return_stats.
+        loss (float32, float64 for float64 logits; 0-d, or logits' leading shape for "none"), and
+        LossStats when return_stats.
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, dtypes, shapes, devices, options,

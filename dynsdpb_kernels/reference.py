@@ -11,7 +11,17 @@ import math
 
 import torch
 
-from .rows import N_ROW_TERMS, ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows
+from .rows import (
+    N_ROW_TERMS,
+    ROW_ALPHA,
+    ROW_CE,
+    ROW_KL,
+    ROW_TAU,
+    ROW_UNCERTAINTY,
+    DistillConfig,
+    FusedRows,
+    row_terms_dtype,
+)
 
 
 def row_statistics(logits: torch.Tensor) -> torch.Tensor:
@@ -60,8 +70,8 @@ def reference_fused_rows(
     ce = torch.where(valid, torch.nn.functional.softplus(log_rest - label_logit), 0.0)
     ce = torch.where(valid & ~label_in_range, math.nan, ce)  # only reachable with validate=False
 
-    row_terms = torch.zeros(n_rows, N_ROW_TERMS, dtype=torch.float32, device=logits.device)
-    row_terms[:, ROW_CE] = ce.float()
+    row_terms = torch.zeros(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=logits.device)
+    row_terms[:, ROW_CE] = ce
     student_stats = row_statistics(student).float()
 
     grad = None
@@ -91,10 +101,10 @@ def reference_fused_rows(
         log_q = torch.log_softmax(student[distilled_rows] / tau[:, None], dim=-1)
         p = log_p.exp()
         kl = (p * (log_p - log_q)).sum(-1)
-        row_terms[distilled_rows, ROW_KL] = kl.float()
-        row_terms[distilled_rows, ROW_ALPHA] = alpha.float()
-        row_terms[distilled_rows, ROW_TAU] = tau.float()
-        row_terms[distilled_rows, ROW_UNCERTAINTY] = uncertainty.float()
+        row_terms[distilled_rows, ROW_KL] = kl
+        row_terms[distilled_rows, ROW_ALPHA] = alpha
+        row_terms[distilled_rows, ROW_TAU] = tau
+        row_terms[distilled_rows, ROW_UNCERTAINTY] = uncertainty
         if grad is not None:
             # d (alpha_r tau_r^2 kl_r) / d z_r = alpha_r tau_r (Q - P), alpha_r, tau_r and P held constant
             grad[distilled_rows] += (distill_scale * alpha * tau)[:, None] * (log_q.exp() - p)

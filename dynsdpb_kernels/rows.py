@@ -56,7 +56,7 @@ class DistillConfig:
 class FusedRows:
     """What a backend returns for N student rows.
 
-    row_terms:     (N, 5) float32, columns ROW_CE, ROW_KL, ROW_ALPHA, ROW_TAU, ROW_UNCERTAINTY.
+    row_terms:     (N, 5) float32 (float64 for float64 logits), columns ROW_CE, ROW_KL, ROW_ALPHA, ROW_TAU, ROW_UNCERTAINTY.
     student_stats: (N, 2) float32 (u, d) of every student row at temperature 1.
     grad:          (N, V) in the logits' dtype, or None when no gradient was requested:
                    ce_scale * valid_r * (softmax(z_r) - onehot(y_r))
@@ -86,3 +86,8 @@ class FusedRows:
     @property
     def uncertainty(self) -> torch.Tensor:
         return self.row_terms[:, ROW_UNCERTAINTY]
+
+
+def row_terms_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """dtype of FusedRows.row_terms and so of the loss: float64 for float64 logits, float32 otherwise."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32

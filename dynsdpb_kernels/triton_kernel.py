@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows, row_terms_dtype
 
 # Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
 # live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
@@ -277,7 +277,7 @@ def triton_fused_rows(
     """
     n_rows, vocab_size = logits.shape
     device = logits.device
-    row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32, device=device)
+    row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
     grad = None
     if compute_grad:
