@@ -1,8 +1,10 @@
 """The one place that maps a backend name and a device to an implementation of the row contract.
 
     "triton"    Triton kernel: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before import
+    "cpu"       C++ kernel (csrc/), CPU tensors; built on first use, reference with a warning if it cannot be
     "reference" readable PyTorch (reference.py), any device
-    "auto"      CUDA -> "triton" (reference if Triton is missing), otherwise "reference"
+    "auto"      CUDA -> "triton", CPU -> "cpu", anything else -> "reference" (with a warning where the
+                chosen kernel is unavailable)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from .reference import reference_fused_rows
 from .rows import FusedRows
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 
 RowKernel = Callable[..., FusedRows]
 
@@ -29,6 +31,18 @@ def _triton_rows() -> RowKernel | None:
     except ImportError:  # Triton is not installed on this platform
         return None
     return triton_fused_rows
+
+
+@functools.cache
+def _cpu_rows() -> RowKernel | None:
+    from .cpu_kernel import cpu_fused_rows, load_extension
+
+    try:
+        load_extension()
+    except Exception as error:  # no compiler, no ninja, or a failed build
+        _warn_once(f"dynsdpb_kernels: the C++ CPU kernel is unavailable ({error}); using the reference backend")
+        return None
+    return cpu_fused_rows
 
 
 def triton_interpreted() -> bool:
@@ -49,7 +63,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             if _triton_rows() is not None:
                 return "triton"
             _warn_once("dynsdpb_kernels: Triton is not installed; using the reference backend on CUDA")
+        if device.type == "cpu" and _cpu_rows() is not None:
+            return "cpu"
         return "reference"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors; got tensors on {device}")
+        return "cpu" if _cpu_rows() is not None else "reference"
     if backend == "triton":
         if _triton_rows() is None:
             raise ValueError("backend='triton' needs the triton package, which is not importable here")
@@ -64,8 +84,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def row_kernel(backend: str, device: torch.device) -> RowKernel:
     """The function implementing the row contract (rows.py) for `backend` on `device`."""
     name = resolve_backend(backend, device)
-    if name == "triton":
-        kernel = _triton_rows()
-        assert kernel is not None
-        return kernel
-    return reference_fused_rows
+    kernel = {"triton": _triton_rows, "cpu": _cpu_rows}.get(name, lambda: reference_fused_rows)()
+    assert kernel is not None
+    return kernel

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 from dynsdpb_kernels import triton_kernel  # noqa: E402
 
 # Backends every correctness test runs against.
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cpu"]
 
 # Small vocabulary blocks, so that V = 300 spans five blocks with a ragged last one.
 TEST_BLOCK_V = 64
