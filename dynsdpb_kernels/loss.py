@@ -335,7 +335,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if ctx.reduction == "none":
             grad.mul_(grad_loss.reshape(-1, 1))
-        else:
+        elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # reading a CPU scalar costs no sync
             grad.mul_(grad_loss)
         return grad, None, None, None, None, None
 

@@ -300,3 +300,11 @@ def test_backends_agree_bitwise_shapes_and_closely_values():
     assert_float32_close(results[0]["loss"], results[1]["loss"], "loss")
     diff = (results[0]["grad"].double() - results[1]["grad"].double()).abs()
     assert (diff <= 2**-7 * results[0]["grad"].double().abs() + 1e-7).all()
+
+
+def test_cpu_kernel_is_built_and_chosen_by_auto():
+    """CI must build the C++ kernel: a silent fallback to the reference would hide a broken build."""
+    from dynsdpb_kernels import resolve_backend
+
+    assert resolve_backend("cpu", torch.device("cpu")) == "cpu"
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
