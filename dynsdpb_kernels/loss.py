@@ -307,7 +307,8 @@ class DynSDPBLossFunction(torch.autograd.Function):
       -> (loss, row_terms (N, 5), student_stats (N, 2))
 
     The gradient is computed in the forward pass and saved; backward multiplies it in place by
-    grad_output (a scalar, or one value per row for reduction="none") and returns it. Because the
+    grad_output (a scalar, or one value per row for reduction="none"; skipped for a CPU grad_output of
+    1, which is free to read) and returns it. Because the
     saved buffer is scaled in place, each forward supports one backward (retain_graph=True and a
     second backward raise rather than return a twice-scaled gradient).
     """

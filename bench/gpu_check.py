@@ -1,0 +1,70 @@
+"""The one script to run when a GPU is lent: correctness of the Triton kernel on CUDA, then the benchmark.
+
+    python bench/gpu_check.py            # about 6 minutes on one H200
+
+1. For float32 and bfloat16 at V = 32000 and 128256: the Triton kernel against the reference backend run
+   in float64 on the same inputs (loss to 1e-4 relative, every gradient element within one rounding of
+   the logits' dtype), with ignored rows, rows without a teacher and dynamic alpha/tau.
+2. `dynsdpb bench` at N = 4096: ours vs eager vs torch.compile vs Liger (CE + KL), forward+backward,
+   with peak memory and bandwidth against the device copy bandwidth; results appended to
+   bench/results.csv. The short table is printed last.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from dynsdpb_kernels import dynsdpb_loss
+from dynsdpb_kernels.benchmark import run_grid
+
+
+def check_correctness() -> bool:
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab_size in (32000, 128256):
+            torch.manual_seed(0)
+            n_rows = 256
+            logits = (torch.randn(n_rows, vocab_size, device="cuda") * 4).to(dtype)
+            teacher = (logits.float() + torch.randn_like(logits, dtype=torch.float32) * 2).to(dtype)
+            labels = torch.randint(0, vocab_size, (n_rows,), device="cuda")
+            labels[::7] = -100
+            mask = torch.rand(n_rows, device="cuda") < 0.7
+            results = {}
+            for backend, inputs in (("triton", logits), ("reference", logits.double())):
+                z = inputs.clone().requires_grad_(True)
+                loss = dynsdpb_loss(z, labels, teacher.to(inputs.dtype), mask, backend=backend)
+                loss.backward()
+                results[backend] = (loss.double(), z.grad.double())
+            (loss, grad), (true_loss, true_grad) = results["triton"], results["reference"]
+            loss_error = float((loss - true_loss).abs() / true_loss.abs().clamp_min(1))
+            bound = torch.finfo(dtype).eps * true_grad.abs() + 2e-6 * true_grad.abs().max()
+            grad_excess = float(((grad - true_grad).abs() - bound).max())
+            passed = loss_error <= 1e-4 and grad_excess <= 0
+            ok &= passed
+            print(f"correctness {str(dtype):>15} V={vocab_size:>6}: loss rel err {loss_error:.2e}, "
+                  f"grad excess over one rounding {grad_excess:.2e} -> {'ok' if passed else 'FAIL'}")
+    return ok
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    ok = check_correctness()
+    results = run_grid(
+        [4096], [32000, 128256], ["bfloat16", "float32"], ["full"], ["ours", "eager", "compile", "liger"],
+        "cuda", repeats=10, csv_path=Path(__file__).resolve().parent / "results.csv",
+    )
+    print("\nshort table (forward+backward, N=4096): provider dtype V median_ms peak_MB bandwidth_GB/s")
+    for r in results:
+        print(f"{r.case.provider:>8} {r.case.dtype:>8} {r.case.vocab_size:>6} {1e3 * r.median_s:>9.2f} "
+              f"{r.peak_extra_bytes / 2**20:>8.0f} {r.bandwidth_gbs:>7.0f}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""pytest-benchmark suite: `pytest bench/ --benchmark-only`.
+
+Shapes come from DYNSDPB_BENCH_SHAPES ("NxV,NxV", default "1024x32000"); the full grid of the issue,
+with peak memory, bandwidth and the CSV/PNG report, is `dynsdpb bench`. Liger runs on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dynsdpb_kernels.benchmark import DTYPES, make_provider
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [tuple(int(x) for x in shape.split("x")) for shape in os.environ.get("DYNSDPB_BENCH_SHAPES", "1024x32000").split(",")]
+PROVIDERS = ["ours", "eager", "compile"] + (["liger"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_dynsdpb_loss(benchmark, provider, mode, dtype, shape):
+    try:
+        loss_fn = make_provider(provider, DEVICE)
+    except ImportError as error:
+        pytest.skip(f"{provider} is not installed: {error}")
+    n_rows, vocab_size = shape
+    torch.manual_seed(0)
+    logits = torch.randn(shape, device=DEVICE).to(DTYPES[dtype]).requires_grad_(mode == "full")
+    teacher = torch.randn(shape, device=DEVICE).to(DTYPES[dtype])
+    labels = torch.randint(0, vocab_size, (n_rows,), device=DEVICE)
+    mask = torch.rand(n_rows, device=DEVICE) < 0.5
+
+    def step():
+        if mode == "full":
+            loss = loss_fn(logits, labels, teacher, mask)
+            loss.backward()
+            logits.grad = None
+        else:
+            with torch.no_grad():
+                loss = loss_fn(logits, labels, teacher, mask)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    loss = benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    assert torch.isfinite(loss)

@@ -1,0 +1,46 @@
+"""The `dynsdpb` command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def _str_list(text: str) -> list[str]:
+    return text.split(",")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="dynsdpb", description="DynSDPB fused-loss kernels")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="time the fused loss against eager PyTorch, torch.compile and Liger")
+    bench.add_argument("--n", type=_int_list, default=[1024, 4096], help="rows, comma-separated")
+    bench.add_argument("--v", type=_int_list, default=[32000, 49152, 128256], help="vocabulary sizes")
+    bench.add_argument("--dtype", type=_str_list, default=["float32", "bfloat16"])
+    bench.add_argument("--mode", type=_str_list, default=["forward", "full"], help="forward and/or full (forward+backward)")
+    bench.add_argument("--providers", type=_str_list, default=["ours", "eager", "compile", "liger"])
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--csv", type=Path, default=Path("bench/results.csv"), help="results are appended here")
+    bench.add_argument("--png", type=Path, default=Path("bench/results.png"))
+    args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        import torch
+
+        from .benchmark import plot_csv, run_grid
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        providers = [p for p in args.providers if p != "liger" or device == "cuda"]
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        run_grid(args.n, args.v, args.dtype, args.mode, providers, device, args.repeats, args.csv)
+        if plot_csv(args.csv, args.png):
+            print(f"plot: {args.png}")
+
+
+if __name__ == "__main__":
+    main()
