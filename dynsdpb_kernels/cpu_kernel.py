@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, row_terms_dtype
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows, gradient_buffer, row_terms_dtype
 
 EXTENSION_NAME = "dynsdpb_cpu"
 SOURCE_NAME = "dynsdpb_cpu.cpp"
@@ -62,9 +62,7 @@ def cpu_fused_rows(
     n_rows, _ = logits.shape
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32)
-    grad = None
-    if compute_grad:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    grad = gradient_buffer(logits, compute_grad, grad_out)
     if teacher_rows is not None and teacher_rows.dtype not in NATIVE_DTYPES:
         teacher_rows = teacher_rows.float()
     if n_rows:

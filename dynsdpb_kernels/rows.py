@@ -91,3 +91,11 @@ class FusedRows:
 def row_terms_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     """dtype of FusedRows.row_terms and so of the loss: float64 for float64 logits, float32 otherwise."""
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def gradient_buffer(logits: torch.Tensor, compute_grad: bool, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+    """Where a kernel writes the (N, V) gradient: `grad_out` when given (the in-place mode), else a fresh
+    contiguous buffer of the logits' dtype; None when no gradient is wanted."""
+    if not compute_grad:
+        return None
+    return torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, row_terms_dtype
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows, gradient_buffer, row_terms_dtype
 
 # Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
 # live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
@@ -279,9 +279,7 @@ def triton_fused_rows(
     device = logits.device
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
-    grad = None
-    if compute_grad:
-        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    grad = gradient_buffer(logits, compute_grad, grad_out)
     if n_rows == 0:
         return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
 
