@@ -174,10 +174,13 @@ float tempered_sum(const float* x, int64_t vocab, float max, float inv_tau, floa
 
 // Same arguments and results as triton_fused_rows (dynsdpb_kernels/rows.py); `grad` is the (N, V)
 // output buffer (ignored unless compute_grad), row_terms (N, 5) and student_stats (N, 2) are filled.
+// record_index / ring_rows / ring_stats are rows.py's RowRecord (all three or none).
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic, int64_t ignore_index,
-                bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats) {
+                bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
+                const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
+                const c10::optional<at::Tensor>& ring_stats) {
   const int64_t n_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const bool has_teacher = teacher_rows.has_value() && teacher_index.has_value();
@@ -188,6 +191,9 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
   const int64_t* index_ptr = has_teacher ? teacher_index->data_ptr<int64_t>() : nullptr;
   const float* stats_ptr = has_stats ? teacher_stats->data_ptr<float>() : nullptr;
+  const bool record = record_index.has_value() && ring_rows.has_value() && ring_stats.has_value();
+  const int64_t* record_ptr = record ? record_index->data_ptr<int64_t>() : nullptr;
+  float* ring_stats_ptr = record ? ring_stats->data_ptr<float>() : nullptr;
   auto terms = row_terms.accessor<float, 2>();
   auto student = student_stats.accessor<float, 2>();
 
@@ -206,6 +212,12 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       const RowStats zs = row_stats(z.data(), vocab, z_exp.data());
       student[row][0] = zs.uncertainty(inv_log_v);
       student[row][1] = zs.discrimination();
+      if (record && record_ptr[row] >= 0) {  // the fused ring write, from the row already in cache
+        const int64_t slot = record_ptr[row];
+        store_row(z.data(), vocab, *ring_rows, slot);
+        ring_stats_ptr[2 * slot] = student[row][0];
+        ring_stats_ptr[2 * slot + 1] = student[row][1];
+      }
 
       float ce = 0.0f;
       float label_grad = 0.0f;  // d ce / d z_y = p_y - 1, exact for the argmax: -rest / (1 + rest)

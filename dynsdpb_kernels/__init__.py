@@ -2,18 +2,29 @@
 
 from .backends import BACKENDS, resolve_backend
 from .loss import DynSDPBLossFunction, LossOptions, LossStats, dynsdpb_loss, fused_loss, loss_stats
+from .module import DistillStats, DynSDPBLoss
 from .reference import reference_fused_rows, row_statistics
-from .rows import DistillConfig, FusedRows
+from .ring import RingLookup, TeacherRing
+from .rows import DistillConfig, FusedRows, RowRecord
+from .sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BACKENDS",
     "DistillConfig",
+    "DistillStats",
+    "DynSDPBLoss",
     "DynSDPBLossFunction",
     "FusedRows",
     "LossOptions",
     "LossStats",
+    "OverlapBatchSampler",
+    "RingLookup",
+    "RowRecord",
+    "SampleIdCollator",
+    "SampleIdDataset",
+    "TeacherRing",
     "dynsdpb_loss",
     "fused_loss",
     "loss_stats",

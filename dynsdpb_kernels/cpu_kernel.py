@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, gradient_buffer, row_terms_dtype
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 EXTENSION_NAME = "dynsdpb_cpu"
 SOURCE_NAME = "dynsdpb_cpu.cpp"
@@ -57,8 +57,9 @@ def cpu_fused_rows(
     grad_scale: torch.Tensor,
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
+    record: RowRecord | None = None,
 ) -> FusedRows:
-    """Run the C++ kernel on CPU tensors; arguments and results follow rows.py."""
+    """Run the C++ kernel on CPU tensors; arguments and results follow rows.py (`record`: the fused ring write)."""
     n_rows, _ = logits.shape
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32)
@@ -81,5 +82,8 @@ def cpu_fused_rows(
             grad if grad is not None else logits,
             row_terms,
             student_stats,
+            record.index.contiguous() if record is not None else None,
+            record.rows if record is not None else None,
+            record.stats if record is not None else None,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import BACKENDS, row_kernel
-from .rows import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows
+from .rows import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, RowRecord
 
 REDUCTIONS = ("mean", "sum", "none")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -232,8 +232,9 @@ def _validate_values(
         bad |= ~torch.isfinite(rows.row_terms).all() | ~torch.isfinite(rows.student_stats).all()
     else:
         bad |= ~torch.isfinite(logits).all()
-        if teacher_rows is not None:
-            bad |= ~torch.isfinite(teacher_rows).all()
+        if teacher_rows is not None and teacher_index is not None:  # only the rows used as teachers
+            used = teacher_index[(teacher_index >= 0) & (labels != ignore_index)].clamp_max(teacher_rows.shape[0] - 1)
+            bad |= ~torch.isfinite(teacher_rows.index_select(0, used)).all()
     if bad.item():
         _raise_for_bad_values(logits, labels, teacher_rows, teacher_index, ignore_index)
         raise FloatingPointError("the DynSDPB loss produced non-finite values from finite inputs")
@@ -247,12 +248,16 @@ def fused_loss(
     teacher_stats: torch.Tensor | None,
     options: LossOptions,
     compute_grad: bool,
+    record: RowRecord | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FusedRows]:
     """Reduced loss and per-row results on the row contract (rows.py), without autograd.
 
     Returns (loss, rows): loss is a 0-d float32 tensor (float64 for float64 logits), or (N,) for
-    reduction="none"; rows.grad is the
-    gradient of that loss (of its sum for "none") when compute_grad is set.
+    reduction="none"; rows.grad is the gradient of that loss (of its sum for "none") when
+    compute_grad is set. `record` copies rows into a teacher ring in the same pass (rows.py).
+    `grad_scale` (2,) overrides the (ce, distill) weights that reduction="mean" derives from the
+    row counts: loss = ce_scale * sum_valid ce_r + distill_scale * sum_distilled distill_r.
     """
     _check_options(options)
     _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats)
@@ -260,7 +265,11 @@ def fused_loss(
     labels = labels.long()
     teacher_index = teacher_index.long() if teacher_index is not None else None
     n_valid, n_distilled = row_counts(labels, teacher_index, config.ignore_index)
-    if options.reduction == "mean":
+    if grad_scale is not None:
+        if options.reduction == "none":
+            raise ValueError("grad_scale applies to the reduced losses; reduction='none' takes none")
+        grad_scale = grad_scale.to(device=logits.device, dtype=torch.float32)
+    elif options.reduction == "mean":
         grad_scale = torch.stack([1.0 / n_valid.clamp_min(1), 1.0 / n_distilled.clamp_min(1)]).float()
     else:
         grad_scale = torch.ones(2, dtype=torch.float32, device=logits.device)
@@ -283,6 +292,7 @@ def fused_loss(
         grad_scale,
         compute_grad,
         grad_out=logits if inplace else None,
+        record=record,
     )
     if inplace:
         # The logits now hold the gradient: bump their version so that autograd refuses to use them
@@ -303,9 +313,11 @@ class DynSDPBLossFunction(torch.autograd.Function):
     """autograd.Function over the row contract (rows.py).
 
     apply(logits (N, V), labels (N,), teacher_rows (R, V) | None, teacher_index (N,) | None,
-          teacher_stats (R, 2) | None, options: LossOptions)
+          teacher_stats (R, 2) | None, options: LossOptions, record: RowRecord | None = None,
+          grad_scale (2,) | None = None)
       -> (loss, row_terms (N, 5), student_stats (N, 2))
 
+    `record` and `grad_scale` are fused_loss's.
     The gradient is computed in the forward pass and saved; backward multiplies it in place by
     grad_output (a scalar, or one value per row for reduction="none"; skipped for a CPU grad_output of
     1, which is free to read) and returns it. Because the
@@ -314,9 +326,19 @@ class DynSDPBLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, teacher_rows, teacher_index, teacher_stats, options: LossOptions):
+    def forward(
+        ctx, logits, labels, teacher_rows, teacher_index, teacher_stats, options: LossOptions, record=None, grad_scale=None
+    ):
         loss, rows = fused_loss(
-            logits, labels, teacher_rows, teacher_index, teacher_stats, options, compute_grad=ctx.needs_input_grad[0]
+            logits,
+            labels,
+            teacher_rows,
+            teacher_index,
+            teacher_stats,
+            options,
+            compute_grad=ctx.needs_input_grad[0],
+            record=record,
+            grad_scale=grad_scale,
         )
         ctx.mark_non_differentiable(rows.row_terms, rows.student_stats)
         ctx.reduction = options.reduction
@@ -338,7 +360,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
             grad.mul_(grad_loss.reshape(-1, 1))
         elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # reading a CPU scalar costs no sync
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def dynsdpb_loss(

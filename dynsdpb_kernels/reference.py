@@ -20,6 +20,7 @@ from .rows import (
     ROW_UNCERTAINTY,
     DistillConfig,
     FusedRows,
+    RowRecord,
     row_terms_dtype,
 )
 
@@ -49,11 +50,13 @@ def reference_fused_rows(
     grad_scale: torch.Tensor,
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
+    record: RowRecord | None = None,
 ) -> FusedRows:
     """Per-row terms, student statistics and gradient of the DynSDPB loss, in plain PyTorch.
 
     Arguments follow rows.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
+    `record`, when given, receives copies of the recorded rows and their (u, d).
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     student = logits.to(compute_dtype)
@@ -108,6 +111,12 @@ def reference_fused_rows(
         if grad is not None:
             # d (alpha_r tau_r^2 kl_r) / d z_r = alpha_r tau_r (Q - P), alpha_r, tau_r and P held constant
             grad[distilled_rows] += (distill_scale * alpha * tau)[:, None] * (log_q.exp() - p)
+
+    if record is not None:  # before grad_out, which may be the logits' own storage
+        recorded = (record.index >= 0).nonzero().squeeze(1)
+        slots = record.index[recorded]
+        record.rows[slots] = logits[recorded].to(record.rows.dtype)
+        record.stats[slots] = student_stats[recorded]
 
     if grad is not None:
         if grad_out is None:

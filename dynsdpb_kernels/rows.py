@@ -16,6 +16,13 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
                              factors the two gradient terms are multiplied by (1 / n_valid and
                              1 / n_distilled for reduction="mean"), read by the kernel so that
                              no host synchronisation is needed.
+    record           RowRecord | None: rows to copy into a teacher ring in the same pass (below).
+
+Recording (the fused ring write): for every row n with record.index[n] >= 0 the kernel writes the
+row's logits, rounded to nearest-even into the ring's dtype, to record.rows[record.index[n]], and the
+row's (u, d) to record.stats[record.index[n]], while it streams the row for the loss anyway: no extra
+read of the logits and no extra launch. The caller guarantees that recorded slots are distinct and
+disjoint from every slot read through teacher_index in the same call (ring.py reserves them).
 """
 
 from __future__ import annotations
@@ -50,6 +57,20 @@ class DistillConfig:
     tau: float = 3.0
     dynamic: bool = True
     ignore_index: int = -100
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    """Where a kernel copies the rows it records (see the module docstring).
+
+    index: (N,) int64, slot of `rows` that student row n is written to, -1 for rows not recorded.
+    rows:  (P, V) ring storage, any float dtype the kernel can write (float32, bfloat16, float16).
+    stats: (P, 2) float32, receives the recorded rows' (u, d).
+    """
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    stats: torch.Tensor
 
 
 @dataclass

@@ -5,7 +5,7 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
     pre-pass (only when DYNAMIC and no teacher statistics were given): (u, d) of t at temperature 1,
               because tau_r must be known before the temperature-tau sums of pass 1 can start.
     pass 1:   online max / sum states of z at temperature 1 (cross-entropy and the student's own
-              (u, d)), of z at tau_r and of t at tau_r.
+              (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
     pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
 
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, gradient_buffer, row_terms_dtype
+from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 # Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
 # live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
@@ -115,6 +115,10 @@ def _dynsdpb_row_kernel(
     row_terms_ptr,
     student_stats_ptr,
     grad_scale_ptr,
+    record_index_ptr,
+    ring_ptr,
+    ring_row_stride,
+    ring_stats_ptr,
     V,
     ignore_index,
     alpha,
@@ -124,6 +128,7 @@ def _dynsdpb_row_kernel(
     HAS_TEACHER_STATS: tl.constexpr,
     DYNAMIC: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    RECORD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
@@ -139,6 +144,10 @@ def _dynsdpb_row_kernel(
         teacher_id = tl.load(teacher_index_ptr + row)
     distilled = valid & (teacher_id >= 0)
     teacher_row = teacher_ptr + tl.maximum(teacher_id, 0) * teacher_row_stride
+    record_slot = -1
+    if RECORD:
+        record_slot = tl.load(record_index_ptr + row)
+    ring_row = ring_ptr + tl.maximum(record_slot, 0) * ring_row_stride
 
     # Teacher statistics (u, d) at temperature 1: given, or from a pre-pass when tau_r needs them.
     t_uncertainty = 0.0
@@ -185,6 +194,9 @@ def _dynsdpb_row_kernel(
         cols = start + lane
         mask = cols < V
         z = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if RECORD:
+            if record_slot >= 0:  # the fused ring write: this block is in registers anyway
+                tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty), mask=mask)
         zm1_old = zm1
         zm1, zm2, zs_rest, zent = _merge_row_stats(zm1, zm2, zs_rest, zent, z, mask, BLOCK_V)
         if distilled:
@@ -250,6 +262,10 @@ def _dynsdpb_row_kernel(
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
     tl.store(student_stats_ptr + row * 2 + 1, z_discrimination)
+    if RECORD:
+        if record_slot >= 0:
+            tl.store(ring_stats_ptr + record_slot * 2, z_uncertainty)
+            tl.store(ring_stats_ptr + record_slot * 2 + 1, z_discrimination)
     terms = row_terms_ptr + row * 5
     tl.store(terms, ce)
     tl.store(terms + 1, kl)
@@ -268,9 +284,10 @@ def triton_fused_rows(
     grad_scale: torch.Tensor,
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
+    record: RowRecord | None = None,
     block_v: int | None = None,
 ) -> FusedRows:
-    """Launch the fused kernel; arguments and results follow rows.py.
+    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write).
 
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
     the vocabulary block width (a power of two), which tests use to force several blocks.
@@ -301,6 +318,10 @@ def triton_fused_rows(
         row_terms,
         student_stats,
         grad_scale,
+        record.index if record is not None else labels,
+        record.rows if record is not None else placeholder,
+        record.rows.stride(0) if record is not None else 0,
+        record.stats if record is not None else placeholder,
         vocab_size,
         config.ignore_index,
         float(config.alpha),
@@ -310,6 +331,7 @@ def triton_fused_rows(
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
         DYNAMIC=config.dynamic,
         COMPUTE_GRAD=compute_grad,
+        RECORD=record is not None,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )

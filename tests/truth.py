@@ -35,8 +35,12 @@ def eager_dynsdpb(
     reduction: str = "mean",
     grad_output: torch.Tensor | float = 1.0,
     dtype: torch.dtype | None = None,
+    stats_from: torch.Tensor | None = None,
 ) -> dict:
-    """Loss, d(loss * grad_output)/d logits and stats, computed eagerly in `dtype` (the inputs' by default)."""
+    """Loss, d(loss * grad_output)/d logits and stats, computed eagerly in `dtype` (the inputs' by default).
+
+    stats_from: logits to take the teachers' (u, d) from instead of teacher_logits (a ring computes them
+    on the row before rounding it to its storage dtype)."""
     vocab_size = logits.shape[-1]
     dtype = dtype or logits.dtype
     z = logits.detach().reshape(-1, vocab_size).to(dtype).requires_grad_(True)
@@ -53,7 +57,8 @@ def eager_dynsdpb(
         t = teacher_logits.detach().reshape(-1, vocab_size).to(dtype)
         has_teacher = torch.ones_like(valid) if teacher_mask is None else teacher_mask.reshape(-1)
         distilled = valid & has_teacher
-        uncertainty, discrimination = teacher_uncertainty_discrimination(t)
+        stats_source = t if stats_from is None else stats_from.detach().reshape(-1, vocab_size).to(dtype)
+        uncertainty, discrimination = teacher_uncertainty_discrimination(stats_source)
         if dynamic:
             alpha_r = alpha * (1 - uncertainty)
             tau_r = 1 + (tau - 1) * discrimination

@@ -1,0 +1,233 @@
+"""DynSDPBLoss: the loss as an nn.Module that keeps its own teachers in a TeacherRing.
+
+Each training call reads the teachers of the samples seen one step earlier from the ring and records the
+current rows of the new samples into it, inside the fused kernel (rows.RowRecord), so a training loop
+only passes logits, labels and the samples' dataset indices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .loss import (
+    LOGIT_DTYPES,
+    DynSDPBLossFunction,
+    LossOptions,
+    LossStats,
+    _check_device,
+    _check_float,
+    _check_integer,
+    _check_options,
+    _check_tensor,
+    fused_loss,
+    loss_stats,
+    row_counts,
+)
+from .ring import RECORD_POLICIES, TeacherRing
+from .rows import DistillConfig, RowRecord
+
+
+@dataclass(frozen=True)
+class DistillStats:
+    """Diagnostics of DynSDPBLoss's last call; tensors stay on the device (reading them syncs).
+
+    loss:              LossStats of the call (ce, kl, alpha_mean, tau_mean, ...)
+    teacher_samples:   samples that had a teacher (0-d int64)
+    teacher_misses:    samples that had none: never recorded, evicted, consumed or length mismatch
+    length_mismatches: samples whose entry had a different number of valid rows (so no teacher)
+    recorded_rows:     rows written into the ring by this call
+    ring_bytes:        bytes the ring holds on its device
+    """
+
+    loss: LossStats
+    teacher_samples: torch.Tensor
+    teacher_misses: torch.Tensor
+    length_mismatches: torch.Tensor
+    recorded_rows: torch.Tensor
+    ring_bytes: int
+
+
+class DynSDPBLoss(nn.Module):
+    """Cross-entropy plus self-distillation from the previous mini-batch, with its own teacher ring.
+
+    In training mode, for a batch of samples with dataset indices `sample_ids`:
+
+        loss = sum_valid ce_r / n_valid + sum_distilled alpha_r tau_r^2 KL(softmax(t_r/tau_r) || softmax(z_r/tau_r)) / n_distilled
+
+    where the teacher t_r of row r is the row the same sample's same valid position got the last time
+    the sample was recorded (detached, stored in `teacher_dtype`), and alpha_r, tau_r follow
+    DistillConfig. Rows are matched by the order of each sample's valid (label != ignore_index)
+    positions, so a sample padded differently in two steps still lines up. In eval mode (or without
+    sample_ids in eval) the loss is plain cross-entropy and the ring is neither read nor written.
+
+    Args:
+        vocab_size: V; logits with another last dimension are an error.
+        alpha, tau, dynamic, ignore_index: as in dynsdpb_loss.
+        capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
+        teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
+        record: "new" (default: a sample with a teacher is consumed, one without is recorded),
+            "all" or "none"; see TeacherRing.lookup.
+        shift_labels: for (B, T, V) logits, position t predicts labels[:, t + 1] (Hugging Face
+            causal-LM convention); set False when labels are already shifted.
+        backend, validate, inplace_grad: as in dynsdpb_loss.
+
+    Shapes: logits (B, T, V) with labels (B, T) (causal LM) or logits (B, V) with labels (B,)
+    (classification); sample_ids (B,) int64, distinct, >= 0. `last_stats` holds a DistillStats.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        alpha: float = 1.0,
+        tau: float = 3.0,
+        dynamic: bool = True,
+        ignore_index: int = -100,
+        capacity_rows: int | None = None,
+        teacher_dtype: torch.dtype = torch.bfloat16,
+        record: str = "new",
+        shift_labels: bool = True,
+        backend: str = "auto",
+        validate: bool = True,
+        inplace_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+        if record not in RECORD_POLICIES:
+            raise ValueError(f"record must be one of {RECORD_POLICIES}, got {record!r}")
+        self.vocab_size = vocab_size
+        self.options = LossOptions(
+            distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
+            reduction="mean",
+            backend=backend,
+            validate=validate,
+            inplace_grad=inplace_grad,
+        )
+        _check_options(self.options)
+        self.capacity_rows = capacity_rows
+        self.teacher_dtype = teacher_dtype
+        self.record = record
+        self.shift_labels = shift_labels
+        self.ring: TeacherRing | None = None
+        if capacity_rows is not None:
+            self.ring = TeacherRing(vocab_size, capacity_rows, dtype=teacher_dtype)
+        self.last_stats: DistillStats | None = None
+
+    def extra_repr(self) -> str:
+        config = self.options.distill
+        return (
+            f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic}, "
+            f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record={self.record!r}"
+        )
+
+    # The ring travels with the module's state_dict (and so with checkpoints of a model that owns it).
+    def get_extra_state(self) -> dict:
+        return {"ring": self.ring.state_dict() if self.ring is not None else None}
+
+    def set_extra_state(self, state: dict) -> None:
+        ring_state = state.get("ring")
+        if ring_state is None:
+            self.ring = None if self.capacity_rows is None else TeacherRing(
+                self.vocab_size, self.capacity_rows, dtype=self.teacher_dtype
+            )
+            return
+        if self.ring is None:
+            self.ring = TeacherRing(ring_state["vocab_size"], ring_state["capacity_rows"], dtype=self.teacher_dtype)
+        self.ring.load_state_dict(ring_state)
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The loss of one batch (0-d float32), recording this step's teachers in training mode.
+
+        num_items_in_batch (Hugging Face gradient accumulation): the number of valid rows in the
+        whole accumulated batch. The cross-entropy is then summed and divided by it, and the
+        distillation mean of this micro-batch is weighted by n_valid / num_items_in_batch, so the
+        micro-batch losses add up to the full batch's loss.
+        """
+        logits = _check_tensor("logits", logits)
+        labels = _check_tensor("labels", labels)
+        _check_float("logits", logits, LOGIT_DTYPES)
+        if logits.dim() not in (2, 3):
+            raise ValueError(f"logits must have shape (B, T, V) or (B, V), got {tuple(logits.shape)}")
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"logits have vocabulary size {logits.shape[-1]} but this DynSDPBLoss (and its teacher ring) "
+                f"was built for vocab_size={self.vocab_size}"
+            )
+        _check_integer("labels", labels)
+        if labels.shape != logits.shape[:-1]:
+            raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} to match logits, got {tuple(labels.shape)}")
+        _check_device("labels", labels, logits.device)
+
+        ignore_index = self.options.distill.ignore_index
+        labels = labels.long()
+        if logits.dim() == 3 and self.shift_labels:
+            # position t predicts token t + 1; the last position has no target
+            labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        per_sample = labels if labels.dim() == 2 else labels[:, None]
+        logits_2d = logits.reshape(-1, self.vocab_size)
+        labels_1d = per_sample.reshape(-1)
+
+        if not self.training or sample_ids is None:
+            if self.training:
+                raise ValueError("sample_ids are required in training mode: the teachers are looked up by them")
+            loss, row_terms = self._apply(logits_2d, labels_1d, None, None, None, num_items_in_batch)
+            return loss
+
+        ring = self._ring_for(per_sample.numel())
+        valid = per_sample != ignore_index
+        lookup = ring.lookup(sample_ids, valid, record=self.record)
+        loss, row_terms = self._apply(logits_2d, labels_1d, ring, lookup.teacher_index, lookup.record, num_items_in_batch)
+        ring.commit(lookup)  # only after the kernel and its checks succeeded
+
+        n_valid, n_distilled = row_counts(labels_1d, lookup.teacher_index, ignore_index)
+        teacher_samples = lookup.has_teacher.sum()
+        self.last_stats = DistillStats(
+            loss=loss_stats(row_terms, n_valid, n_distilled),
+            teacher_samples=teacher_samples,
+            teacher_misses=lookup.has_teacher.numel() - teacher_samples,
+            length_mismatches=lookup.mismatched.sum(),
+            recorded_rows=lookup.recorded_rows,
+            ring_bytes=ring.nbytes,
+        )
+        return loss
+
+    def _ring_for(self, n_rows: int) -> TeacherRing:
+        if self.ring is None:
+            self.ring = TeacherRing(self.vocab_size, max(n_rows, 1), dtype=self.teacher_dtype)
+        return self.ring
+
+    def _apply(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        ring: TeacherRing | None,
+        teacher_index: torch.Tensor | None,
+        record: RowRecord | None,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_scale = None
+        if num_items_in_batch is not None:
+            n_valid, n_distilled = row_counts(labels, teacher_index, self.options.distill.ignore_index)
+            total = torch.as_tensor(num_items_in_batch, device=logits.device).float().clamp_min(1)
+            grad_scale = torch.stack([1.0 / total, n_valid / (n_distilled.clamp_min(1) * total)]).float()
+        teacher_rows = ring.rows if ring is not None else None
+        teacher_stats = ring.stats if ring is not None else None
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss, row_terms, _ = DynSDPBLossFunction.apply(
+                logits, labels, teacher_rows, teacher_index, teacher_stats, self.options, record, grad_scale
+            )
+            return loss, row_terms
+        loss, rows = fused_loss(
+            logits, labels, teacher_rows, teacher_index, teacher_stats, self.options, False, record, grad_scale
+        )
+        return loss, rows.row_terms

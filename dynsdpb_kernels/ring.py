@@ -1,0 +1,312 @@
+"""TeacherRing: the previous step's logits of each sample, kept on the logits' device for the next step.
+
+Layout. `rows` (P, V) and `stats` (P, 2) are preallocated. Rows are written in FIFO order; each written
+row gets an absolute position a = 0, 1, 2, ... (`head` counts the rows written so far) and lives in slot
+a % P. A sample's entry is (start, length): its valid rows, packed in order, at positions start ..
+start + length - 1. An entry is live while it lies within the last `capacity_rows` (C) positions:
+
+    live  <=>  start >= 0  and  start >= head - C
+
+P = C + reserve: the reserve (at least the rows of the largest call) is where one call writes. A call
+writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C .. head - 1,
+so a write never touches a live entry, whatever the call reads as teachers in the same kernel launch;
+and a call that fails before `commit` leaves every live entry as it was. The bookkeeping runs on the
+device (no host sync per step): the per-sample tables `_start` / `_length` are indexed by sample id.
+
+Matching. Row k of a sample (k-th position whose label is not ignore_index) is taught by row k of its
+entry. A sample whose number of valid rows differs from its entry's length gets no teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .rows import RowRecord
+
+RECORD_POLICIES = ("new", "all", "none")
+RING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class RingLookup:
+    """What one call reads from and writes to the ring; made by `TeacherRing.lookup`, applied by `commit`.
+
+    teacher_index: (B * T,) int64, slot of the teacher row of each student row, -1 for none.
+    record:        rows.RowRecord for the kernel's fused write, or None when nothing is recorded.
+    has_teacher:   (B,) bool, the sample's entry was live and its length matched.
+    mismatched:    (B,) bool, the sample's entry was live but its length differed (no teacher).
+    recorded_rows: 0-d int64, rows this call writes.
+    The rest is the new state of the B samples' entries and of head, applied by commit.
+    """
+
+    teacher_index: torch.Tensor
+    record: RowRecord | None
+    has_teacher: torch.Tensor
+    mismatched: torch.Tensor
+    recorded_rows: torch.Tensor
+    sample_ids: torch.Tensor
+    new_start: torch.Tensor
+    new_length: torch.Tensor
+    new_head: torch.Tensor
+    generation: int
+
+
+class TeacherRing:
+    """FIFO store of teacher logits rows, keyed by sample id.
+
+    Args:
+        vocab_size: V, the length of every row.
+        capacity_rows: C, how many recently written rows stay readable; older entries are evicted.
+        dtype: storage dtype of the rows (bfloat16, float16 or float32); rows are rounded to it
+            (nearest even) when recorded. (u, d) statistics are kept in float32.
+        device: where the ring lives; None allocates it on the device of the first call.
+        reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
+            number of rows of a larger call, which reallocates the ring once.
+
+    Memory: (C + reserve) * V * dtype bytes for the rows, plus 8 bytes per row for (u, d) and 16 bytes
+    per distinct sample id for the entry table (`nbytes`).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        capacity_rows: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        reserve_rows: int | None = None,
+    ) -> None:
+        for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if dtype not in RING_DTYPES:
+            raise TypeError(f"dtype must be one of {RING_DTYPES}, got {dtype}")
+        reserve = capacity_rows if reserve_rows is None else reserve_rows
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 1:
+            raise ValueError(f"reserve_rows must be an int >= 1, got {reserve_rows!r}")
+        self.vocab_size = vocab_size
+        self.capacity_rows = capacity_rows
+        self.dtype = dtype
+        self.device: torch.device | None = None
+        self._reserve = reserve
+        self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
+        self.rows = torch.empty(0, vocab_size, dtype=dtype)
+        self.stats = torch.empty(0, 2, dtype=torch.float32)
+        self._start = torch.empty(0, dtype=torch.int64)
+        self._length = torch.empty(0, dtype=torch.int64)
+        self._head = torch.zeros((), dtype=torch.int64)
+        if device is not None:
+            self._allocate(torch.device(device))
+
+    # -- storage -------------------------------------------------------------------------------
+
+    def _allocate(self, device: torch.device) -> None:
+        physical = self.capacity_rows + self._reserve
+        self.device = device
+        self.rows = torch.zeros(physical, self.vocab_size, dtype=self.dtype, device=device)
+        self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
+        self._start = self._start.to(device)
+        self._length = self._length.to(device)
+        self._head = self._head.to(device)
+
+    @property
+    def physical_rows(self) -> int:
+        """P = capacity_rows + reserve rows actually allocated (0 before the first call without a device)."""
+        return self.rows.shape[0]
+
+    def _grow_reserve(self, reserve: int) -> None:
+        """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
+        old_rows, old_stats, old_physical = self.rows, self.stats, self.physical_rows
+        self._reserve = reserve
+        assert self.device is not None
+        self._allocate(self.device)
+        # Positions head - C .. head - 1 hold every live row: slot a % P_old -> slot a % P_new.
+        positions = self._head - self.capacity_rows + torch.arange(self.capacity_rows, device=self.device)
+        positions = positions.clamp_min(0)  # (before C rows exist, position 0 is copied more than once)
+        new_slots = positions % self.physical_rows
+        old_slots = positions % old_physical
+        self.rows[new_slots] = old_rows[old_slots]
+        self.stats[new_slots] = old_stats[old_slots]
+        self._generation += 1
+
+    def _grow_table(self, size: int) -> None:
+        grow = size - self._start.shape[0]
+        if grow > 0:
+            size = max(size, 2 * self._start.shape[0])  # amortised growth
+            grow = size - self._start.shape[0]
+            self._start = torch.cat([self._start, self._start.new_full((grow,), -1)])
+            self._length = torch.cat([self._length, self._length.new_zeros(grow)])
+
+    # -- public state --------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held on the device: rows, (u, d) statistics and the per-sample entry table."""
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.stats, self._start, self._length))
+
+    def _live(self) -> torch.Tensor:
+        return (self._start >= 0) & (self._start >= self._head - self.capacity_rows)
+
+    def __len__(self) -> int:
+        """Number of samples with a live entry (reads a device value: one sync)."""
+        return int(self._live().sum())
+
+    def __contains__(self, sample_id: int) -> bool:
+        return 0 <= sample_id < self._start.shape[0] and bool(self._live()[sample_id])
+
+    def teacher(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none."""
+        if sample_id not in self:
+            return None
+        start, length = int(self._start[sample_id]), int(self._length[sample_id])
+        slots = torch.arange(start, start + length, device=self.device) % self.physical_rows
+        return self.rows[slots].clone(), self.stats[slots].clone()
+
+    def clear(self) -> None:
+        """Forget every entry (storage stays allocated)."""
+        self._start.fill_(-1)
+        self._length.zero_()
+        self._head.zero_()
+        self._generation += 1
+
+    def _live_positions(self) -> torch.Tensor:
+        """Absolute positions max(0, head - C) .. head - 1, the only ones a live entry can occupy."""
+        head = int(self._head)
+        return torch.arange(max(0, head - self.capacity_rows), head, device=self.device)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue with exactly the same teachers, independent of the physical
+        layout: the rows of the last capacity_rows positions in order, the entry table trimmed after
+        its last entry, and head (tensors copied to the CPU; reads head, one sync)."""
+        positions = self._live_positions()
+        slots = positions % max(self.physical_rows, 1)
+        used = (self._start >= 0).nonzero()
+        table_size = int(used.max()) + 1 if used.numel() else 0
+        return {
+            "vocab_size": self.vocab_size,
+            "capacity_rows": self.capacity_rows,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "rows": self.rows[slots].cpu(),
+            "stats": self.stats[slots].cpu(),
+            "start": self._start[:table_size].cpu(),
+            "length": self._length[:table_size].cpu(),
+            "head": self._head.cpu(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict; vocab_size, capacity_rows and dtype must match this ring's."""
+        for key, mine in (("vocab_size", self.vocab_size), ("capacity_rows", self.capacity_rows)):
+            if state[key] != mine:
+                raise ValueError(f"state_dict has {key}={state[key]} but this ring has {key}={mine}")
+        if state["dtype"] != str(self.dtype).removeprefix("torch."):
+            raise ValueError(f"state_dict has dtype {state['dtype']} but this ring stores {self.dtype}")
+        head = int(state["head"])
+        rows = state["rows"]
+        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.vocab_size):
+            raise ValueError(f"state_dict rows have shape {tuple(rows.shape)}, inconsistent with its header")
+        self._allocate(self.device or torch.device("cpu"))
+        self._head = torch.tensor(head, dtype=torch.int64, device=self.device)
+        slots = self._live_positions() % self.physical_rows
+        self.rows[slots] = rows.to(device=self.device, dtype=self.dtype)
+        self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
+        self._start = state["start"].to(device=self.device, dtype=torch.int64, copy=True)
+        self._length = state["length"].to(device=self.device, dtype=torch.int64, copy=True)
+        self._generation += 1
+
+    # -- one call: lookup, kernel, commit ------------------------------------------------------
+
+    def lookup(self, sample_ids: torch.Tensor, valid: torch.Tensor, record: str = "new") -> RingLookup:
+        """Teachers and recording slots for one call, without changing the ring's state.
+
+        Args:
+            sample_ids: (B,) int64 dataset indices, distinct and >= 0. Best kept on the CPU: checking
+                ids that live on a GPU copies them to the host (a sync of B integers).
+            valid: (B, T) bool on the ring's device, True where a row has a label (T = 1 for
+                classification); the student rows are the B * T rows in this order.
+            record: "new" records the samples that got no teacher and consumes the entries that
+                were used (each sample is a teacher once, then a student once); "all" records every
+                sample; "none" records nothing and consumes nothing.
+
+        Raises ValueError naming the argument for ids that are negative, repeated or not 1-D
+        integers, a shape mismatch, or a device other than the ring's.
+        """
+        if record not in RECORD_POLICIES:
+            raise ValueError(f"record must be one of {RECORD_POLICIES}, got {record!r}")
+        ids_host = _check_sample_ids(sample_ids)
+        if valid.dtype != torch.bool or valid.dim() != 2 or valid.shape[0] != ids_host.shape[0]:
+            raise ValueError(
+                f"valid must be a bool tensor of shape ({ids_host.shape[0]}, T), one row per sample id, "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
+        if self.device is None:
+            self._allocate(valid.device)
+        elif valid.device != self.device:
+            raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
+        n_rows = valid.numel()
+        if n_rows > self._reserve:
+            self._grow_reserve(n_rows)  # layout only: live entries keep their contents
+        if ids_host.numel():
+            self._grow_table(int(ids_host.max()) + 1)
+
+        ids = ids_host.to(self.device, non_blocking=True)
+        physical = self.physical_rows
+        start = self._start[ids]
+        length = self._length[ids]
+        count = valid.sum(1)
+        order = valid.cumsum(1) - 1  # k for the k-th valid row of each sample
+        live = (start >= 0) & (start >= self._head - self.capacity_rows)
+        has_teacher = live & (length == count)
+        mismatched = live & (length != count)
+        teacher_index = torch.where(valid & has_teacher[:, None], (start[:, None] + order) % physical, -1)
+
+        if record == "none":
+            recorded = torch.zeros_like(has_teacher)
+        elif record == "all":
+            recorded = torch.ones_like(has_teacher)
+        else:
+            recorded = ~has_teacher
+        record_count = count * recorded
+        record_start = self._head + record_count.cumsum(0) - record_count
+        record_index = torch.where(valid & recorded[:, None], (record_start[:, None] + order) % physical, -1)
+        consumed = has_teacher & (record != "none")
+        new_start = torch.where(recorded, record_start, torch.where(consumed, -1, start))
+        new_length = torch.where(recorded, count, torch.where(consumed, 0, length))
+        recorded_rows = record_count.sum()
+        return RingLookup(
+            teacher_index=teacher_index.reshape(-1),
+            record=None if record == "none" else RowRecord(record_index.reshape(-1), self.rows, self.stats),
+            has_teacher=has_teacher,
+            mismatched=mismatched,
+            recorded_rows=recorded_rows,
+            sample_ids=ids,
+            new_start=new_start,
+            new_length=new_length,
+            new_head=self._head + recorded_rows,
+            generation=self._generation,
+        )
+
+    def commit(self, lookup: RingLookup) -> None:
+        """Apply a lookup once its kernel call succeeded: new entries become live, used ones are consumed,
+        and entries pushed out of the last capacity_rows positions are evicted."""
+        if lookup.generation != self._generation:
+            raise RuntimeError("this RingLookup is stale: the ring changed after it was made")
+        self._start[lookup.sample_ids] = lookup.new_start
+        self._length[lookup.sample_ids] = lookup.new_length
+        self._head = lookup.new_head
+        self._generation += 1
+
+
+def _check_sample_ids(sample_ids: object) -> torch.Tensor:
+    """sample_ids as a CPU int64 tensor, after checking they are 1-D, >= 0 and distinct."""
+    if not isinstance(sample_ids, torch.Tensor):
+        raise TypeError(f"sample_ids must be a torch.Tensor of int64 dataset indices, got {type(sample_ids).__name__}")
+    if sample_ids.dim() != 1 or sample_ids.is_floating_point() or sample_ids.is_complex() or sample_ids.dtype == torch.bool:
+        raise ValueError(f"sample_ids must be a 1-D integer tensor, got {sample_ids.dtype} {tuple(sample_ids.shape)}")
+    ids = sample_ids.detach().to("cpu", torch.int64)
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"sample_ids must be >= 0 (dataset indices), got {ids[ids < 0][:5].tolist()}")
+    unique, counts = ids.unique(return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"sample_ids must be distinct within a batch; repeated: {unique[counts > 1][:5].tolist()}")
+    return ids

@@ -1,0 +1,172 @@
+"""DLB batch order: each batch is the previous step's new samples followed by new ones, with sample ids.
+
+    step 0: [c0]        step 1: [c0, c1]        step 2: [c1, c2]   ...
+
+where c_k is the k-th chunk of `batch_size` new samples of a shuffled epoch. The chunk carried into the first
+batch of an epoch is the last chunk of the previous epoch (as in DLB's reference code); samples of that
+chunk are moved out of the new epoch's first chunk so that no batch holds a sample twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+
+
+class OverlapBatchSampler(Sampler[list[int]]):
+    """Batch sampler of DLB / DynSDPB: previous new samples + `batch_size` new samples per batch.
+
+    Args:
+        data_len_or_sampler: dataset length (indices 0..n-1, shuffled per epoch with `seed` when
+            `shuffle`), or a Sampler giving the order of each epoch (its set_epoch is forwarded).
+        batch_size: new samples per batch; batches after the first hold up to 2 * batch_size.
+        drop_last: drop an epoch's last chunk when it is smaller than batch_size.
+        shuffle, seed: the per-epoch permutation is torch.randperm with generator seed (seed, epoch).
+        num_replicas, rank: distributed training; rank r takes positions r, r + R, ... of each epoch's
+            order (the remainder n mod R is left out that epoch), so ranks get disjoint streams and a
+            rank's teachers always come from its own previous batch.
+
+    Each iteration runs the current epoch and then advances to the next; set_epoch(e) sets it
+    explicitly (as a training loop or the Hugging Face Trainer does). With an integer length the
+    stream is a pure function of (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        data_len_or_sampler: int | Sampler,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+        if isinstance(data_len_or_sampler, int) and not isinstance(data_len_or_sampler, bool):
+            self.source: int | Sampler = data_len_or_sampler
+            total = data_len_or_sampler
+        elif hasattr(data_len_or_sampler, "__iter__") and hasattr(data_len_or_sampler, "__len__"):
+            self.source = data_len_or_sampler
+            total = len(data_len_or_sampler)
+        else:
+            raise TypeError(f"data_len_or_sampler must be an int or a Sampler with a length, got {type(data_len_or_sampler).__name__}")
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.samples_per_rank = total // num_replicas
+        if self.samples_per_rank < 2 * batch_size:
+            raise ValueError(
+                f"each rank needs at least 2 * batch_size = {2 * batch_size} samples per epoch so that a batch never "
+                f"holds a sample twice; got {self.samples_per_rank} ({total} samples over {num_replicas} replicas)"
+            )
+        self.epoch = 0
+        self._orders: dict[int, list[int]] = {}
+        self._carried: list[int] = []  # with a Sampler source: last chunk of the previous iteration
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.samples_per_rank, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _chunks(self, order: list[int]) -> list[list[int]]:
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][: len(self)]
+
+    def _rank_order(self, order: Sequence[int]) -> list[int]:
+        used = self.samples_per_rank * self.num_replicas
+        return list(order[:used][self.rank :: self.num_replicas])
+
+    def _separate(self, order: list[int], carried: list[int]) -> list[int]:
+        """Swap samples of the carried chunk out of the first chunk (with the next samples that are not)."""
+        carried_set = set(carried)
+        order = list(order)
+        replacement = self.batch_size
+        for position in range(min(self.batch_size, len(order))):
+            if order[position] in carried_set:
+                while order[replacement] in carried_set:
+                    replacement += 1
+                order[position], order[replacement] = order[replacement], order[position]
+                replacement += 1
+        return order
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """This rank's order of `epoch` (integer source), after separating it from the carried chunk."""
+        start = max((e for e in self._orders if e <= epoch), default=0)
+        for e in range(start, epoch + 1):
+            if e in self._orders:
+                continue
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
+                order = torch.randperm(int(self.source), generator=generator).tolist()
+            else:
+                order = list(range(int(self.source)))
+            carried = self._chunks(self._orders[e - 1])[-1] if e > 0 else []
+            self._orders[e] = self._separate(self._rank_order(order), carried)
+        for old in [e for e in self._orders if e < epoch - 1]:
+            del self._orders[old]
+        return self._orders[epoch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        if isinstance(self.source, int):
+            carried = self._chunks(self._epoch_order(epoch - 1))[-1] if epoch > 0 else []
+            chunks = self._chunks(self._epoch_order(epoch))
+        else:
+            if hasattr(self.source, "set_epoch"):
+                self.source.set_epoch(epoch)
+            carried = self._carried
+            chunks = self._chunks(self._separate(self._rank_order(list(self.source)), carried))
+            self._carried = chunks[-1] if chunks else []
+        previous = carried
+        for chunk in chunks:
+            yield previous + chunk
+            previous = chunk
+
+
+class SampleIdDataset(Dataset):
+    """Wraps a map-style dataset so that each item carries its index: a Mapping item gets a
+    "sample_id" key (a copy; the dataset's own item is not modified), any other item becomes (index, item)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        if isinstance(item, Mapping):
+            return {**item, "sample_id": int(index)}
+        return int(index), item
+
+
+class SampleIdCollator:
+    """Collate function that takes the sample ids out of SampleIdDataset items, collates the rest with
+    `collate_fn` (default_collate, or e.g. a Hugging Face data collator) and returns them as an int64
+    tensor: batch["sample_ids"] for Mapping items, (sample_ids, batch) otherwise. The ids stay on the CPU."""
+
+    def __init__(self, collate_fn: Callable[[list], Any] | None = None) -> None:
+        self.collate_fn = collate_fn or default_collate
+
+    def __call__(self, items: list) -> Any:
+        if items and isinstance(items[0], Mapping):
+            ids = torch.tensor([item["sample_id"] for item in items], dtype=torch.int64)
+            batch = self.collate_fn([{k: v for k, v in item.items() if k != "sample_id"} for item in items])
+            batch["sample_ids"] = ids
+            return batch
+        ids = torch.tensor([index for index, _ in items], dtype=torch.int64)
+        return ids, self.collate_fn([item for _, item in items])
