@@ -54,7 +54,7 @@ class OverlapBatchSampler(Sampler[list[int]]):
         if isinstance(data_len_or_sampler, int) and not isinstance(data_len_or_sampler, bool):
             self.source: int | Sampler = data_len_or_sampler
             total = data_len_or_sampler
-        elif hasattr(data_len_or_sampler, "__iter__") and hasattr(data_len_or_sampler, "__len__"):
+        elif isinstance(data_len_or_sampler, Sampler) and hasattr(data_len_or_sampler, "__len__"):
             self.source = data_len_or_sampler
             total = len(data_len_or_sampler)
         else:
