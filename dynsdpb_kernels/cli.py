@@ -27,7 +27,36 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--csv", type=Path, default=Path("bench/results.csv"), help="results are appended here")
     bench.add_argument("--png", type=Path, default=Path("bench/results.png"))
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a small LLaMA with cross-entropy and with DynSDPB from the same start, and compare"
+    )
+    finetune.add_argument("--model", default="auto", help="auto (SmolLM2 when installed, else tiny), smollm2, tiny, or a local folder")
+    finetune.add_argument("--data", type=Path, default=None, help="a .jsonl(.gz) with question/solution/split records")
+    finetune.add_argument("--steps", type=int, default=16)
+    finetune.add_argument("--batch-size", type=int, default=2, help="new samples per step")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", type=Path, default=Path("finetune_out"), help="folder for results.json and loss_curves.png")
+    finetune.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; 512 for byte tokens)")
+    finetune.add_argument("--eval-samples", type=int, default=24)
+    finetune.add_argument("--lr", type=float, default=None)
     args = parser.parse_args(argv)
+
+    if args.command == "finetune":
+        from .finetune import DATA_PATH, FinetuneConfig, run
+
+        run(
+            FinetuneConfig(
+                model=args.model,
+                data=args.data or DATA_PATH,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                out=args.out,
+                max_length=args.max_length,
+                eval_samples=args.eval_samples,
+                lr=args.lr,
+            )
+        )
 
     if args.command == "bench":
         import torch

@@ -89,6 +89,7 @@ class TeacherRing:
         self.capacity_rows = capacity_rows
         self.dtype = dtype
         self.device: torch.device | None = None
+        self._follows_first_call = device is None  # a ring made or restored without a device moves to the first call's
         self._reserve = reserve
         self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
         self.rows = torch.empty(0, vocab_size, dtype=dtype)
@@ -114,6 +115,15 @@ class TeacherRing:
     def physical_rows(self) -> int:
         """P = capacity_rows + reserve rows actually allocated (0 before the first call without a device)."""
         return self.rows.shape[0]
+
+    def to(self, device: torch.device | str) -> TeacherRing:
+        """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
+        device = torch.device(device)
+        self.device = device
+        for name in ("rows", "stats", "_start", "_length", "_head"):
+            setattr(self, name, getattr(self, name).to(device))
+        self._generation += 1
+        return self
 
     def _grow_reserve(self, reserve: int) -> None:
         """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
@@ -241,7 +251,10 @@ class TeacherRing:
             )
         if self.device is None:
             self._allocate(valid.device)
-        elif valid.device != self.device:
+        elif self._follows_first_call and valid.device != self.device:
+            self.to(valid.device)
+        self._follows_first_call = False
+        if valid.device != self.device:
             raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
         n_rows = valid.numel()
         if n_rows > self._reserve:

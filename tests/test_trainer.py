@@ -1,0 +1,101 @@
+"""DynSDPBTrainer with a tiny random LlamaForCausalLM on the CPU: training, logging, checkpoint and resume."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dynsdpb_kernels.finetune import pad_batch  # noqa: E402
+from dynsdpb_kernels.integrations.transformers import RING_FILE, DynSDPBTrainer  # noqa: E402
+
+VOCAB = 1000
+
+
+class ProgressionDataset(torch.utils.data.Dataset):
+    """Learnable toy sequences: runs start, start + 1, ... over a few dozen of the VOCAB tokens, of varying
+    length (dynamic padding)."""
+
+    def __init__(self, n: int = 48):
+        gen = torch.Generator().manual_seed(0)
+        self.items = []
+        for _ in range(n):
+            start = int(torch.randint(3, 40, (1,), generator=gen))
+            length = int(torch.randint(6, 14, (1,), generator=gen))
+            ids = start + torch.arange(length)
+            self.items.append({"input_ids": ids, "labels": ids.clone()})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def make_trainer(output_dir, max_steps=12, **kwargs):
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-2,
+        logging_steps=3, save_strategy="steps", save_steps=6, report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0, **kwargs,
+    )
+    return DynSDPBTrainer(
+        model=tiny_model(), args=args, train_dataset=ProgressionDataset(),
+        data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, capacity_rows=256,
+    )
+
+
+def _train_logs(trainer):
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_trainer_trains_logs_and_saves_the_ring(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    logs = _train_logs(trainer)
+    assert len(logs) == 4
+    for entry in logs:
+        for key in ("ce", "kl", "alpha_mean", "tau_mean", "teacher_samples", "ring_bytes"):
+            assert key in entry, key
+        assert entry["ring_bytes"] > 0
+    assert logs[-1]["ring_bytes"] == trainer.dynsdpb_loss.ring.nbytes
+    assert logs[-1]["ce"] < logs[0]["ce"] - 0.5  # the loss falls
+    assert all(entry["teacher_samples"] > 0 for entry in logs[1:])  # DLB order: half of each batch distills
+    assert 1.0 <= logs[-1]["tau_mean"] <= 2.0 and 0.0 <= logs[-1]["alpha_mean"] <= 1.0
+    assert (tmp_path / "checkpoint-6" / RING_FILE).is_file()
+    # evaluation: plain cross-entropy, the ring untouched
+    before = trainer.dynsdpb_loss.ring.state_dict()
+    metrics = trainer.evaluate(ProgressionDataset(8))
+    assert metrics["eval_loss"] > 0
+    after = trainer.dynsdpb_loss.ring.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
+def test_resume_restores_the_ring_and_continues_identically(tmp_path):
+    uninterrupted = make_trainer(tmp_path / "a")
+    uninterrupted.train()
+    resumed = make_trainer(tmp_path / "b")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    saved = torch.load(tmp_path / "a" / "checkpoint-6" / RING_FILE, weights_only=True)
+    assert saved["head"] > 0
+    late = [entry for entry in _train_logs(uninterrupted) if entry["step"] > 6]
+    late_resumed = [entry for entry in _train_logs(resumed) if entry["step"] > 6]
+    assert [entry["step"] for entry in late_resumed] == [entry["step"] for entry in late]
+    for a, b in zip(late, late_resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
+    final_a = uninterrupted.dynsdpb_loss.ring.state_dict()
+    final_b = resumed.dynsdpb_loss.ring.state_dict()
+    assert torch.equal(final_a["start"], final_b["start"]) and torch.equal(final_a["head"], final_b["head"])
+    torch.testing.assert_close(final_a["rows"].float(), final_b["rows"].float(), rtol=1e-2, atol=1e-3)
