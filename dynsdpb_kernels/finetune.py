@@ -295,7 +295,7 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
         if loss_fn is None:
             outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             loss = outputs.loss
-            ce = float(loss)
+            ce = float(loss.detach())
         else:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = loss_fn(logits, batch["labels"], torch.tensor(indices))
@@ -304,7 +304,7 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
         loss.backward()
         optimizer.step()
         result.seconds.append(time.perf_counter() - started)
-        result.train_loss.append(float(loss))
+        result.train_loss.append(float(loss.detach()))
         result.train_ce.append(ce)
         _progress(method, step, config.steps, ce)
     result.peak_memory_mb = _peak_memory_mb(device)

@@ -36,3 +36,26 @@ def test_readme_test_command_is_the_ci_command():
     ci = (README.parent / ".ci" / "run").read_text()
     command = re.search(r"## Tests\n\n```bash\n(.*?)\n```", README.read_text(), re.DOTALL).group(1)
     assert command in ci.splitlines()
+
+
+def test_module_example_runs_and_distills(capsys):
+    code = python_block_after("## Example: the module, the sampler and sample ids")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    stats = namespace["stats"]
+    assert int(stats.teacher_samples) == 16  # the last batch: 16 previous samples taught, 16 new ones
+    assert float(stats.loss.ce) < 0.5 * math.log(64)  # it learnt to count
+    assert re.fullmatch(
+        r"loss [\d.]+  ce [\d.]+  teachers 16/32  tau_mean [\d.]+  ring [\d.]+ MiB\n", capsys.readouterr().out
+    )
+
+
+def test_trainer_example_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the example writes trainer_out/ to the working directory
+    code = python_block_after("## Example: Hugging Face Trainer")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    logs = [entry for entry in namespace["trainer"].state.log_history if "loss" in entry]
+    assert len(logs) == 4 and logs[-1]["ce"] < logs[0]["ce"]
+    assert {"kl", "alpha_mean", "tau_mean", "ring_bytes"} <= logs[-1].keys()
+    assert (tmp_path / "trainer_out" / "checkpoint-10" / "dynsdpb_ring.pt").is_file()

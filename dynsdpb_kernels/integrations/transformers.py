@@ -84,7 +84,7 @@ class DynSDPBTrainer(Trainer):
             batch_sampler=sampler,
             collate_fn=SampleIdCollator(self.data_collator),
             num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
+            pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         )
         prepared = self.accelerator.prepare(loader)
         # The sampler already gives each process its own stream: keep accelerate from sharding it again.
