@@ -146,7 +146,7 @@ def _check_contract(
     _check_float("logits", logits, LOGIT_DTYPES)
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must have shape (N, V) with V >= 1, got {tuple(logits.shape)}")
-    if logits.stride(1) != 1:
+    if logits.numel() and logits.stride(1) != 1:
         raise ValueError("logits must have unit stride along the vocabulary dimension")
     n_rows, vocab_size = logits.shape
     _check_integer("labels", labels)
@@ -164,7 +164,7 @@ def _check_contract(
         raise ValueError(
             f"teacher_rows must have shape (R, {vocab_size}) (the logits' vocabulary), got {tuple(teacher_rows.shape)}"
         )
-    if teacher_rows.stride(1) != 1:
+    if teacher_rows.numel() and teacher_rows.stride(1) != 1:
         raise ValueError("teacher_rows must have unit stride along the vocabulary dimension")
     _check_device("teacher_rows", teacher_rows, logits.device)
     _check_integer("teacher_index", teacher_index)

@@ -1,0 +1,108 @@
+"""DynSDPB under torch.distributed: 2 processes, gloo on the CPU, DDP over a tiny LLaMA.
+
+Checked: each rank's teachers are exactly its own previous batch's new samples, and every rank's loss at
+every step equals a single-process run that replays both ranks' streams on one model (the DDP gradient
+is the mean of the ranks' gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+from dynsdpb_kernels import DynSDPBLoss, OverlapBatchSampler  # noqa: E402
+from dynsdpb_kernels.finetune import pad_batch  # noqa: E402
+
+WORLD, STEPS, BATCH, VOCAB, N_SAMPLES = 2, 6, 3, 300, 40
+
+
+def make_dataset():
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for _ in range(N_SAMPLES):
+        length = int(torch.randint(5, 11, (1,), generator=gen))
+        ids = torch.randint(3, VOCAB, (length,), generator=gen)
+        items.append({"input_ids": ids, "labels": ids.clone()})
+    return items
+
+
+def make_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def rank_batches(rank):
+    sampler = OverlapBatchSampler(N_SAMPLES, BATCH, seed=1, num_replicas=WORLD, rank=rank)
+    return [batch for _, batch in zip(range(STEPS), sampler)]
+
+
+def step_loss(model, loss_fn, dataset, indices):
+    batch = pad_batch([dataset[i] for i in indices], pad_id=0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return loss_fn(logits, batch["labels"], torch.tensor(indices))
+
+
+def _worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        dataset = make_dataset()
+        model = torch.nn.parallel.DistributedDataParallel(make_model())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn = DynSDPBLoss(VOCAB, capacity_rows=128, tau=2.0, backend="cpu")
+        record = {"losses": [], "teachers": [], "batches": rank_batches(rank)}
+        for indices in record["batches"]:
+            loss = step_loss(model, loss_fn, dataset, indices)
+            optimizer.zero_grad()
+            loss.backward()  # DDP averages the gradients over the ranks
+            optimizer.step()
+            record["losses"].append(float(loss.detach()))
+            record["teachers"].append(int(loss_fn.last_stats.teacher_samples))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(record, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_ranks_match_a_single_process_replay(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    # each rank's teachers are its own previous batch's new samples: BATCH of them after the first step
+    for record in records:
+        assert record["teachers"] == [0] + [BATCH] * (STEPS - 1)
+        for previous, current in zip(record["batches"], record["batches"][1:]):
+            assert current[:BATCH] == previous[-BATCH:]
+    assert not {i for b in records[0]["batches"] for i in b} & {i for b in records[1]["batches"] for i in b}
+
+    # single process: one model, one ring per rank stream, gradient = mean of the two ranks' gradients
+    dataset = make_dataset()
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fns = [DynSDPBLoss(VOCAB, capacity_rows=128, tau=2.0, backend="cpu") for _ in range(WORLD)]
+    for step in range(STEPS):
+        losses = [step_loss(model, loss_fns[r], dataset, records[r]["batches"][step]) for r in range(WORLD)]
+        optimizer.zero_grad()
+        (sum(losses) / WORLD).backward()
+        optimizer.step()
+        for r in range(WORLD):
+            assert float(losses[r].detach()) == pytest.approx(records[r]["losses"][step], rel=1e-5, abs=1e-6)
