@@ -135,6 +135,12 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name} is on {tensor.device} but logits are on {device}; move them to one device")
 
 
+def as_rows(tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(..., V) -> (N, V), a view when possible; copied only when the vocabulary dimension is strided."""
+    rows = tensor.reshape(-1, vocab_size)
+    return rows.contiguous() if rows.numel() and rows.stride(1) != 1 else rows
+
+
 def _check_contract(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -428,9 +434,7 @@ def dynsdpb_loss(
         )
     _check_device("labels", labels, logits.device)
 
-    logits_2d = logits.reshape(-1, vocab_size)
-    if logits_2d.numel() and logits_2d.stride(1) != 1:
-        logits_2d = logits_2d.contiguous()
+    logits_2d = as_rows(logits, vocab_size)
     n_rows = logits_2d.shape[0]
     teacher_rows = teacher_index = None
     if teacher_logits is not None:
@@ -445,9 +449,7 @@ def dynsdpb_loss(
                 f"teacher_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(teacher_logits.shape)}"
             )
         _check_device("teacher_logits", teacher_logits, logits.device)
-        teacher_rows = teacher_logits.detach().reshape(-1, vocab_size)
-        if teacher_rows.numel() and teacher_rows.stride(1) != 1:
-            teacher_rows = teacher_rows.contiguous()
+        teacher_rows = as_rows(teacher_logits.detach(), vocab_size)
         teacher_index = torch.arange(n_rows, device=logits.device)
         if teacher_mask is not None:
             teacher_mask = _check_tensor("teacher_mask", teacher_mask)

@@ -22,6 +22,7 @@ from .loss import (
     _check_integer,
     _check_options,
     _check_tensor,
+    as_rows,
     fused_loss,
     loss_stats,
     row_counts,
@@ -174,7 +175,7 @@ class DynSDPBLoss(nn.Module):
             # position t predicts token t + 1; the last position has no target
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         per_sample = labels if labels.dim() == 2 else labels[:, None]
-        logits_2d = logits.reshape(-1, self.vocab_size)
+        logits_2d = as_rows(logits, self.vocab_size)
         labels_1d = per_sample.reshape(-1)
 
         if not self.training or sample_ids is None:

@@ -116,3 +116,132 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     logits, labels, _, _ = good_inputs()
     with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
         dynsdpb_loss(logits, labels, backend="triton")
+
+
+# -- DynSDPBLoss and its ring: a clear error and an unchanged ring, or correct handling ---------------------
+
+from dynsdpb_kernels import DynSDPBLoss, TeacherRing  # noqa: E402
+
+VOCAB = 20
+
+
+def primed_module(backend="reference"):
+    """A DynSDPBLoss whose ring already holds samples 5 and 6."""
+    module = DynSDPBLoss(VOCAB, capacity_rows=16, backend=backend)
+    gen = torch.Generator().manual_seed(0)  # the same teachers every time
+    module(torch.randn(2, 3, VOCAB, generator=gen), torch.randint(0, VOCAB, (2, 3), generator=gen), torch.tensor([5, 6]))
+    return module
+
+
+def good_batch():
+    return torch.randn(2, 3, VOCAB, requires_grad=True), torch.randint(0, VOCAB, (2, 3)), torch.tensor([6, 7])
+
+
+def _with_nan(logits):
+    poisoned = logits.detach().clone()
+    poisoned[1, 0, 3] = math.nan
+    return poisoned.requires_grad_(True)
+
+
+MODULE_CASES = {
+    "logits not a tensor": (lambda z, y, i: ([[1.0]], y, i), TypeError, "logits must be a torch.Tensor"),
+    "integer logits": (lambda z, y, i: (y[..., None].expand(-1, -1, VOCAB), y, i), TypeError, "logits must have dtype"),
+    "4-D logits": (lambda z, y, i: (z[None], y, i), ValueError, r"logits must have shape \(B, T, V\) or \(B, V\)"),
+    "vocabulary differs from the ring's": (lambda z, y, i: (torch.randn(2, 3, VOCAB + 1), y, i), ValueError, "vocab_size=20"),
+    "float labels": (lambda z, y, i: (z, y.float(), i), TypeError, "labels must be an integer tensor"),
+    "labels shape": (lambda z, y, i: (z, y[:, :2], i), ValueError, r"labels must have shape \(2, 3\)"),
+    "labels on another device": (lambda z, y, i: (z, y.to("meta"), i), ValueError, "labels is on meta"),
+    "label >= V": (lambda z, y, i: (z, y.index_fill(1, torch.tensor([1]), VOCAB), i), ValueError, r"labels must lie in \[0, 20\)"),
+    "negative label": (lambda z, y, i: (z, y.index_fill(1, torch.tensor([2]), -5), i), ValueError, "labels must lie in"),
+    "NaN logits": (lambda z, y, i: (_with_nan(z), y, i), ValueError, "logits contain NaN or inf"),
+    "sample_ids not a tensor": (lambda z, y, i: (z, y, [6, 7]), TypeError, "sample_ids must be a torch.Tensor"),
+    "float sample_ids": (lambda z, y, i: (z, y, i.float()), ValueError, "sample_ids must be a 1-D integer tensor"),
+    "2-D sample_ids": (lambda z, y, i: (z, y, i[None]), ValueError, "sample_ids must be a 1-D integer tensor"),
+    "duplicate sample_ids": (lambda z, y, i: (z, y, torch.tensor([6, 6])), ValueError, "distinct"),
+    "negative sample_ids": (lambda z, y, i: (z, y, torch.tensor([6, -1])), ValueError, ">= 0"),
+    "sample_ids count": (lambda z, y, i: (z, y, torch.tensor([6, 7, 8])), ValueError, r"one row per sample id"),
+    "no sample_ids in training": (lambda z, y, i: (z, y, None), ValueError, "sample_ids are required in training mode"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_module_bad_input_is_named_and_leaves_the_ring_unchanged(backend, case):
+    build, error, message = MODULE_CASES[case]
+    module = primed_module(backend)
+    state = module.ring.state_dict()
+    logits, labels, ids = good_batch()
+    inputs = build(logits, labels, ids)
+    copies = [x.detach().clone() if isinstance(x, torch.Tensor) and x.device.type != "meta" else x for x in inputs]
+    with pytest.raises(error, match=message):
+        module(*inputs)
+    after = module.ring.state_dict()
+    assert after.keys() == state.keys()
+    for key in state:
+        same = torch.equal(state[key], after[key]) if isinstance(state[key], torch.Tensor) else state[key] == after[key]
+        assert same, key
+    for original, copy in zip(inputs, copies):
+        if isinstance(original, torch.Tensor) and original.device.type != "meta":
+            assert torch.equal(original.detach().nan_to_num(), copy.nan_to_num())
+
+
+def test_ring_arguments_are_named():
+    ring = TeacherRing(VOCAB, 8, device="cpu")
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        ring.lookup(torch.tensor([0]), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="record must be one of"):
+        ring.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool), record="some")
+    with pytest.raises(ValueError, match="logits are on meta but the teacher ring lives on cpu"):
+        ring.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool, device="meta"))
+    for other, message in (
+        (TeacherRing(VOCAB + 1, 8, device="cpu"), "vocab_size"),
+        (TeacherRing(VOCAB, 9, device="cpu"), "capacity_rows"),
+        (TeacherRing(VOCAB, 8, dtype=torch.float32, device="cpu"), "dtype"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ring.load_state_dict(other.state_dict())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_expanded_inputs_are_handled(backend):
+    logits, labels, ids = good_batch()
+    expected = primed_module(backend)(logits.detach(), labels, ids)
+    transposed = logits.detach().permute(2, 0, 1).contiguous().permute(1, 2, 0)  # stride 6 along V
+    assert transposed.stride(-1) != 1
+    torch.testing.assert_close(primed_module(backend)(transposed, labels, ids), expected, rtol=0, atol=0)
+    row = torch.randint(0, VOCAB, (1, 3))
+    expanded_labels = row.expand(2, 3)
+    reference = primed_module(backend)(logits.detach(), expanded_labels.contiguous(), ids)
+    torch.testing.assert_close(primed_module(backend)(logits.detach(), expanded_labels, ids), reference, rtol=0, atol=0)
+    one = torch.randn(1, 3, VOCAB)
+    torch.testing.assert_close(
+        primed_module(backend)(one.expand(2, 3, VOCAB), labels, ids),
+        primed_module(backend)(one.expand(2, 3, VOCAB).contiguous(), labels, ids),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_that_requires_grad_gets_none(backend):
+    logits, labels, teacher, mask = good_inputs()
+    teacher.requires_grad_(True)
+    loss = dynsdpb_loss(logits, labels, teacher, mask, backend=backend)
+    loss.backward()
+    assert teacher.grad is None and logits.grad is not None
+    torch.testing.assert_close(loss, dynsdpb_loss(logits.detach(), labels, teacher.detach(), mask, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_rows_than_the_ring_holds(backend):
+    """A call with more rows than capacity_rows: the reserve grows (one reallocation), the loss is right,
+    and the ring keeps the most recent samples that fit."""
+    module = DynSDPBLoss(VOCAB, capacity_rows=8, backend=backend)
+    module.ring = TeacherRing(VOCAB, 8, reserve_rows=4)
+    logits = torch.randn(6, 4, VOCAB)
+    labels = torch.randint(0, VOCAB, (6, 4))
+    loss = module(logits, labels, torch.arange(6))  # 24 rows, 18 recorded
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert module.ring.physical_rows >= 8 + 24
+    assert [i for i in range(6) if i in module.ring] == [4, 5]  # the last 6 rows

@@ -73,6 +73,7 @@ def _worker(rank, port, out_dir):
             record["teachers"].append(int(loss_fn.last_stats.teacher_samples))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
             json.dump(record, handle)
+        dist.barrier()  # both ranks are done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
 
