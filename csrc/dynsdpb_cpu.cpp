@@ -174,13 +174,14 @@ float tempered_sum(const float* x, int64_t vocab, float max, float inv_tau, floa
 
 // Same arguments and results as triton_fused_rows (dynsdpb_kernels/rows.py); `grad` is the (N, V)
 // output buffer (ignored unless compute_grad), row_terms (N, 5) and student_stats (N, 2) are filled.
-// record_index / ring_rows / ring_stats are rows.py's RowRecord (all three or none).
+// record_index / ring_rows / ring_stats are rows.py's RowRecord (all three or none); teacher_support (R, k)
+// makes teacher_rows (R, k) top-k teachers whose KL is taken over their support.
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic, int64_t ignore_index,
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
-                const c10::optional<at::Tensor>& ring_stats) {
+                const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support) {
   const int64_t n_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const bool has_teacher = teacher_rows.has_value() && teacher_index.has_value();
@@ -194,6 +195,9 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const bool record = record_index.has_value() && ring_rows.has_value() && ring_stats.has_value();
   const int64_t* record_ptr = record ? record_index->data_ptr<int64_t>() : nullptr;
   float* ring_stats_ptr = record ? ring_stats->data_ptr<float>() : nullptr;
+  const int64_t* support_ptr = teacher_support.has_value() ? teacher_support->data_ptr<int64_t>() : nullptr;
+  const int64_t top_k = support_ptr != nullptr ? teacher_support->size(1) : 0;
+  const int64_t support_stride = support_ptr != nullptr ? teacher_support->stride(0) : 0;
   auto terms = row_terms.accessor<float, 2>();
   auto student = student_stats.accessor<float, 2>();
 
@@ -235,7 +239,24 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
 
       float alpha_r = 0.0f, tau_r = 0.0f, t_uncertainty = 0.0f, kl = 0.0f;
       float t_max = 0.0f, log_t_sum = 0.0f, log_z_sum = 0.0f, inv_tau = 1.0f;
-      if (distilled) {
+      if (distilled && support_ptr != nullptr) {
+        // top-k teacher: P_hat = softmax(t_k / tau_r) on its support; KL(P_hat || Q) over the support
+        const int64_t* support = support_ptr + teacher * support_stride;
+        load_row(*teacher_rows, teacher, top_k, t.data());
+        t_uncertainty = stats_ptr[2 * teacher];
+        const float t_discrimination = stats_ptr[2 * teacher + 1];
+        alpha_r = dynamic ? static_cast<float>(alpha) * (1.0f - t_uncertainty) : static_cast<float>(alpha);
+        tau_r = dynamic ? 1.0f + (static_cast<float>(tau) - 1.0f) * t_discrimination : static_cast<float>(tau);
+        inv_tau = 1.0f / tau_r;
+        t_max = row_max(t.data(), top_k);
+        log_z_sum = std::log(tempered_sum(z.data(), vocab, zs.max, inv_tau, z_tau_exp.data()));
+        log_t_sum = std::log(tempered_sum(t.data(), top_k, t_max, inv_tau, t_tau_exp.data()));
+        for (int64_t j = 0; j < top_k; ++j) {
+          const float log_p = (t[j] - t_max) * inv_tau - log_t_sum;
+          const float log_q = (z[support[j]] - zs.max) * inv_tau - log_z_sum;
+          kl += std::exp(log_p) * (log_p - log_q);
+        }
+      } else if (distilled) {
         load_row(*teacher_rows, teacher, vocab, t.data());
         float t_discrimination;
         if (has_stats) {
@@ -273,7 +294,13 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
           const float kl_coef = distill_scale * alpha_r * tau_r;
           const float inv_q_total = std::exp(-log_z_sum);
           const float inv_p_total = std::exp(-log_t_sum);
-          for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * (z_tau_exp[j] * inv_q_total - t_tau_exp[j] * inv_p_total);
+          if (support_ptr != nullptr) {  // Q everywhere, minus P_hat on the support
+            const int64_t* support = support_ptr + teacher * support_stride;
+            for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * z_tau_exp[j] * inv_q_total;
+            for (int64_t j = 0; j < top_k; ++j) out[support[j]] -= kl_coef * t_tau_exp[j] * inv_p_total;
+          } else {
+            for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * (z_tau_exp[j] * inv_q_total - t_tau_exp[j] * inv_p_total);
+          }
         }
         store_row(out.data(), vocab, grad, row);
       }

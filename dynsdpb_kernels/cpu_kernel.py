@@ -58,6 +58,7 @@ def cpu_fused_rows(
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
+    teacher_support: torch.Tensor | None = None,
 ) -> FusedRows:
     """Run the C++ kernel on CPU tensors; arguments and results follow rows.py (`record`: the fused ring write)."""
     n_rows, _ = logits.shape
@@ -85,5 +86,6 @@ def cpu_fused_rows(
             record.index.contiguous() if record is not None else None,
             record.rows if record is not None else None,
             record.stats if record is not None else None,
+            teacher_support.contiguous() if teacher_support is not None else None,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)

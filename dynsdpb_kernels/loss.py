@@ -147,6 +147,7 @@ def _check_contract(
     teacher_rows: torch.Tensor | None,
     teacher_index: torch.Tensor | None,
     teacher_stats: torch.Tensor | None,
+    teacher_support: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices of the row contract (rows.py); no host sync."""
     _check_float("logits", logits, LOGIT_DTYPES)
@@ -166,7 +167,17 @@ def _check_contract(
     if teacher_rows is None or teacher_index is None:
         return
     _check_float("teacher_rows", teacher_rows)
-    if teacher_rows.dim() != 2 or teacher_rows.shape[1] != vocab_size:
+    if teacher_support is not None:
+        _check_integer("teacher_support", teacher_support)
+        if teacher_support.dim() != 2 or teacher_support.shape != teacher_rows.shape or teacher_support.shape[1] > vocab_size:
+            raise ValueError(
+                f"teacher_support must be (R, k) like the top-k teacher_rows {tuple(teacher_rows.shape)} with k <= {vocab_size}, "
+                f"got {tuple(teacher_support.shape)}"
+            )
+        _check_device("teacher_support", teacher_support, logits.device)
+        if teacher_stats is None:
+            raise ValueError("top-k teachers (teacher_support) need teacher_stats: their (u, d) on the full row")
+    elif teacher_rows.dim() != 2 or teacher_rows.shape[1] != vocab_size:
         raise ValueError(
             f"teacher_rows must have shape (R, {vocab_size}) (the logits' vocabulary), got {tuple(teacher_rows.shape)}"
         )
@@ -256,6 +267,7 @@ def fused_loss(
     compute_grad: bool,
     record: RowRecord | None = None,
     grad_scale: torch.Tensor | None = None,
+    teacher_support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FusedRows]:
     """Reduced loss and per-row results on the row contract (rows.py), without autograd.
 
@@ -264,9 +276,12 @@ def fused_loss(
     compute_grad is set. `record` copies rows into a teacher ring in the same pass (rows.py).
     `grad_scale` (2,) overrides the (ce, distill) weights that reduction="mean" derives from the
     row counts: loss = ce_scale * sum_valid ce_r + distill_scale * sum_distilled distill_r.
+    `teacher_support` (R, k) makes teacher_rows top-k teachers (rows.py).
     """
     _check_options(options)
-    _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats)
+    _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats, teacher_support)
+    if teacher_support is not None:
+        teacher_support = teacher_support.long()
     config = options.distill
     labels = labels.long()
     teacher_index = teacher_index.long() if teacher_index is not None else None
@@ -299,6 +314,7 @@ def fused_loss(
         compute_grad,
         grad_out=logits if inplace else None,
         record=record,
+        teacher_support=teacher_support,
     )
     if inplace:
         # The logits now hold the gradient: bump their version so that autograd refuses to use them
@@ -320,10 +336,10 @@ class DynSDPBLossFunction(torch.autograd.Function):
 
     apply(logits (N, V), labels (N,), teacher_rows (R, V) | None, teacher_index (N,) | None,
           teacher_stats (R, 2) | None, options: LossOptions, record: RowRecord | None = None,
-          grad_scale (2,) | None = None)
+          grad_scale (2,) | None = None, teacher_support (R, k) | None = None)
       -> (loss, row_terms (N, 5), student_stats (N, 2))
 
-    `record` and `grad_scale` are fused_loss's.
+    `record`, `grad_scale` and `teacher_support` are fused_loss's.
     The gradient is computed in the forward pass and saved; backward multiplies it in place by
     grad_output (a scalar, or one value per row for reduction="none"; skipped for a CPU grad_output of
     1, which is free to read) and returns it. Because the
@@ -333,7 +349,16 @@ class DynSDPBLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, logits, labels, teacher_rows, teacher_index, teacher_stats, options: LossOptions, record=None, grad_scale=None
+        ctx,
+        logits,
+        labels,
+        teacher_rows,
+        teacher_index,
+        teacher_stats,
+        options: LossOptions,
+        record=None,
+        grad_scale=None,
+        teacher_support=None,
     ):
         loss, rows = fused_loss(
             logits,
@@ -345,6 +370,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
             compute_grad=ctx.needs_input_grad[0],
             record=record,
             grad_scale=grad_scale,
+            teacher_support=teacher_support,
         )
         ctx.mark_non_differentiable(rows.row_terms, rows.student_stats)
         ctx.reduction = options.reduction
@@ -366,7 +392,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
             grad.mul_(grad_loss.reshape(-1, 1))
         elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # reading a CPU scalar costs no sync
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def dynsdpb_loss(

@@ -51,12 +51,14 @@ def reference_fused_rows(
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
+    teacher_support: torch.Tensor | None = None,
 ) -> FusedRows:
     """Per-row terms, student statistics and gradient of the DynSDPB loss, in plain PyTorch.
 
     Arguments follow rows.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
-    `record`, when given, receives copies of the recorded rows and their (u, d).
+    `record`, when given, receives copies of the recorded rows and their (u, d). `teacher_support`
+    (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)).
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     student = logits.to(compute_dtype)
@@ -103,7 +105,13 @@ def reference_fused_rows(
         log_p = torch.log_softmax(teacher / tau[:, None], dim=-1)
         log_q = torch.log_softmax(student[distilled_rows] / tau[:, None], dim=-1)
         p = log_p.exp()
-        kl = (p * (log_p - log_q)).sum(-1)
+        if teacher_support is not None:
+            # top-k teacher: P_hat lives on the k support ids; KL(P_hat || Q) = sum_k P_hat (log P_hat - log Q[support])
+            support = teacher_support[index]
+            kl = (p * (log_p - log_q.gather(1, support))).sum(-1)
+            p = torch.zeros_like(log_q).scatter_(1, support, p)  # P_hat as a dense row for the gradient
+        else:
+            kl = (p * (log_p - log_q)).sum(-1)
         row_terms[distilled_rows, ROW_KL] = kl
         row_terms[distilled_rows, ROW_ALPHA] = alpha
         row_terms[distilled_rows, ROW_TAU] = tau

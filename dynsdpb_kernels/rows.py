@@ -17,6 +17,11 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
                              1 / n_distilled for reduction="mean"), read by the kernel so that
                              no host synchronisation is needed.
     record           RowRecord | None: rows to copy into a teacher ring in the same pass (below).
+    teacher_support  (R, k) int64 | None: top-k teachers. teacher_rows is then (R, k), the k largest
+                     logits of each teacher row, at these vocabulary ids, and teacher_stats (their (u, d)
+                     on the full row) is required. The KL is taken over the teacher's support:
+                     P_hat = softmax(t_k / tau_r) on the k ids, kl_r = KL(P_hat || Q), and the gradient
+                     alpha_r tau_r (Q - P_hat scattered to the support): an approximation of the dense KL.
 
 Recording (the fused ring write): for every row n with record.index[n] >= 0 the kernel writes the
 row's logits, rounded to nearest-even into the ring's dtype, to record.rows[record.index[n]], and the

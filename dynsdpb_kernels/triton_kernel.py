@@ -119,6 +119,9 @@ def _dynsdpb_row_kernel(
     ring_ptr,
     ring_row_stride,
     ring_stats_ptr,
+    support_ptr,
+    support_row_stride,
+    K,
     V,
     ignore_index,
     alpha,
@@ -129,6 +132,8 @@ def _dynsdpb_row_kernel(
     DYNAMIC: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     RECORD: tl.constexpr,
+    TEACHER_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
@@ -203,15 +208,16 @@ def _dynsdpb_row_kernel(
             zs_tau = zs_tau * tl.exp((zm1_old - zm1) * inv_tau) + tl.sum(
                 tl.where(mask, tl.exp((z - zm1) * inv_tau), 0.0), axis=0
             )
-            t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            tm1_old = tm1
-            if HAS_TEACHER_STATS or DYNAMIC:
-                tm1 = tl.maximum(tm1, tl.max(t, axis=0))
-            else:
-                tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
-            ts_tau = ts_tau * tl.exp((tm1_old - tm1) * inv_tau) + tl.sum(
-                tl.where(mask, tl.exp((t - tm1) * inv_tau), 0.0), axis=0
-            )
+            if not TEACHER_TOPK:
+                t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                tm1_old = tm1
+                if HAS_TEACHER_STATS or DYNAMIC:
+                    tm1 = tl.maximum(tm1, tl.max(t, axis=0))
+                else:
+                    tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
+                ts_tau = ts_tau * tl.exp((tm1_old - tm1) * inv_tau) + tl.sum(
+                    tl.where(mask, tl.exp((t - tm1) * inv_tau), 0.0), axis=0
+                )
 
     if not HAS_TEACHER_STATS and not DYNAMIC:
         if distilled:
@@ -233,13 +239,32 @@ def _dynsdpb_row_kernel(
     # d (alpha_r tau_r^2 KL(P || Q)) / dz = alpha_r tau_r (Q - P)  (alpha_r, tau_r and P are constants)
     kl_coef = distill_scale * alpha_r * tau_r
     log_zs_tau = tl.log(tl.where(distilled, zs_tau, 1.0))  # the sums are 0 on rows without a teacher
+
+    # Top-k teacher: P_hat = softmax(t_k / tau_r) over its k stored logits, at vocabulary ids `support`.
+    # KL(P_hat || Q) = sum_k P_hat_k (log P_hat_k - log Q_support_k) needs only the k student logits at the
+    # support, read here (before pass 2, which may overwrite the logits with the gradient in place).
+    kl = 0.0
+    if TEACHER_TOPK:
+        k_lane = tl.arange(0, K_BLOCK)
+        k_mask = k_lane < tl.where(distilled, K, 0)  # nothing to load for rows without a teacher
+        t_k = tl.load(teacher_row + k_lane, mask=k_mask, other=float("-inf")).to(tl.float32)
+        support = tl.load(support_ptr + tl.maximum(teacher_id, 0) * support_row_stride + k_lane, mask=k_mask, other=0)
+        z_k = tl.load(logits_row + support, mask=k_mask, other=0.0).to(tl.float32)
+        tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
+        ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
+        log_p_k = (t_k - tm1) * inv_tau - tl.log(tl.where(distilled, ts_tau, 1.0))
+        log_q_k = (z_k - zm1) * inv_tau - log_zs_tau
+        kl = tl.sum(tl.where(k_mask, tl.exp(log_p_k) * (log_p_k - log_q_k), 0.0), axis=0)
     log_ts_tau = tl.log(tl.where(distilled, ts_tau, 1.0))
 
     # Pass 2: KL(P || Q) = sum_j P_j (log P_j - log Q_j), with log P_j = (t_j - tm1) / tau_r - log ts_tau
     # and log Q_j = (z_j - zm1) / tau_r - log zs_tau; and the gradient, stored once per element.
-    kl = 0.0
-    if distilled | COMPUTE_GRAD:
-        grad_row = grad_ptr + row * grad_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    if TEACHER_TOPK:
+        kl_in_pass_2 = False
+    else:
+        kl_in_pass_2 = distilled
+    if kl_in_pass_2 | COMPUTE_GRAD:
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
@@ -249,15 +274,29 @@ def _dynsdpb_row_kernel(
                 probs = tl.exp(z - zm1) / zs_total
                 grad = ce_coef * tl.where(cols == label, label_grad, probs)
             if distilled:
-                t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
-                log_p = (t - tm1) * inv_tau - log_ts_tau
                 log_q = (z - zm1) * inv_tau - log_zs_tau
-                p = tl.exp(log_p)
-                kl += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), axis=0)
-                if COMPUTE_GRAD:
-                    grad += kl_coef * (tl.exp(log_q) - p)
+                if TEACHER_TOPK:  # the -P_hat part is written at the support below
+                    if COMPUTE_GRAD:
+                        grad += kl_coef * tl.exp(log_q)
+                else:
+                    t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    log_p = (t - tm1) * inv_tau - log_ts_tau
+                    p = tl.exp(log_p)
+                    kl += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), axis=0)
+                    if COMPUTE_GRAD:
+                        grad += kl_coef * (tl.exp(log_q) - p)
             if COMPUTE_GRAD:
                 tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=mask)
+
+    if TEACHER_TOPK and COMPUTE_GRAD:
+        if distilled:
+            # Rewrite the k support entries whole, from the logits read before pass 2, so that each
+            # gradient element is still rounded once. The barrier orders these stores after pass 2's.
+            tl.debug_barrier()
+            probs_k = tl.exp(z_k - zm1) / zs_total
+            grad_k = ce_coef * tl.where(support == label, label_grad, probs_k)
+            grad_k += kl_coef * (tl.exp(log_q_k) - tl.exp(log_p_k))
+            tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty), mask=k_mask)
 
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
@@ -285,9 +324,11 @@ def triton_fused_rows(
     compute_grad: bool,
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
+    teacher_support: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FusedRows:
-    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write).
+    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write,
+    `teacher_support`: vocabulary ids of top-k teacher rows).
 
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
     the vocabulary block width (a power of two), which tests use to force several blocks.
@@ -322,6 +363,9 @@ def triton_fused_rows(
         record.rows if record is not None else placeholder,
         record.rows.stride(0) if record is not None else 0,
         record.stats if record is not None else placeholder,
+        teacher_support if teacher_support is not None else labels,
+        teacher_support.stride(0) if teacher_support is not None else 0,
+        teacher_support.shape[1] if teacher_support is not None else 1,
         vocab_size,
         config.ignore_index,
         float(config.alpha),
@@ -332,6 +376,8 @@ def triton_fused_rows(
         DYNAMIC=config.dynamic,
         COMPUTE_GRAD=compute_grad,
         RECORD=record is not None,
+        TEACHER_TOPK=teacher_support is not None,
+        K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
     )

@@ -1,0 +1,88 @@
+"""Top-k teachers (rows.py's teacher_support) on every backend, against an independent float64 truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import BACKENDS
+from truth import teacher_uncertainty_discrimination
+from test_loss import assert_one_rounding
+
+from dynsdpb_kernels import DistillConfig, LossOptions, fused_loss
+
+IGNORE = -100
+
+
+def topk_truth(logits, labels, teacher_full, index, k, alpha, tau, dynamic):
+    """Loss and gradient by autograd in float64: CE + alpha_r tau_r^2 KL(P_hat || Q) / n_distilled, with
+    P_hat = softmax(top-k of the teacher / tau_r) on the top-k ids and (u, d) from the full teacher row."""
+    z = logits.double().requires_grad_(True)
+    valid = labels != IGNORE
+    ce = F.cross_entropy(z, labels, ignore_index=IGNORE, reduction="sum") / valid.sum().clamp_min(1)
+    distilled = valid & (index >= 0)
+    rows = distilled.nonzero().squeeze(1)
+    teacher = teacher_full[index[rows]].double()
+    u, d = teacher_uncertainty_discrimination(teacher)
+    alpha_r = alpha * (1 - u) if dynamic else torch.full_like(u, alpha)
+    tau_r = 1 + (tau - 1) * d if dynamic else torch.full_like(u, tau)
+    values, support = teacher.topk(k, dim=-1)
+    log_p = F.log_softmax(values / tau_r[:, None], -1)
+    log_q = F.log_softmax(z[rows] / tau_r[:, None], -1).gather(1, support)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    loss = ce + (alpha_r * tau_r**2 * kl).sum() / distilled.sum().clamp_min(1)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss.detach(), grad
+
+
+def topk_inputs(teacher_full, k, ring_dtype):
+    values, support = teacher_full.topk(k, dim=-1)
+    u, d = teacher_uncertainty_discrimination(teacher_full.double())
+    return values.to(ring_dtype), support, torch.stack([u, d], -1).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [1, 16, 300], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+def test_topk_teacher_matches_truth(backend, dtype, k, inplace, dynamic):
+    n_rows, vocab_size = 9, 300
+    logits = (torch.randn(n_rows, vocab_size) * 3).to(dtype)
+    labels = torch.randint(0, vocab_size, (n_rows,))
+    labels[3] = IGNORE
+    teacher_full = torch.randn(5, vocab_size) * 3
+    teacher_full[0, labels[0]] = 20.0  # the label inside the support: its gradient entry is rewritten there
+    index = torch.tensor([0, 1, -1, 2, 3, -1, 4, 1, 0])
+    values, support, stats = topk_inputs(teacher_full, k, torch.float32)
+    options = LossOptions(distill=DistillConfig(tau=2.5, dynamic=dynamic), backend=backend, inplace_grad=inplace)
+    student = logits.clone()
+    loss, rows = fused_loss(student, labels, values, index, stats, options, True, teacher_support=support)
+    truth_loss, truth_grad = topk_truth(logits, labels, teacher_full, index, k, 1.0, 2.5, dynamic)
+    torch.testing.assert_close(loss.double(), truth_loss, rtol=2e-5, atol=2e-6)
+    assert_one_rounding(rows.grad, truth_grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_with_the_whole_vocabulary_is_the_dense_loss(backend):
+    n_rows, vocab_size = 6, 300
+    logits = torch.randn(n_rows, vocab_size) * 2
+    labels = torch.randint(0, vocab_size, (n_rows,))
+    teacher = torch.randn(n_rows, vocab_size) * 2
+    index = torch.arange(n_rows)
+    values, support, stats = topk_inputs(teacher, vocab_size, torch.float32)
+    options = LossOptions(distill=DistillConfig(tau=3.0), backend=backend)
+    dense_loss, dense = fused_loss(logits, labels, teacher, index, stats, options, True)
+    topk_loss, topk = fused_loss(logits, labels, values, index, stats, options, True, teacher_support=support)
+    torch.testing.assert_close(topk_loss, dense_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(topk.grad, dense.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_topk_needs_stats_and_matching_support():
+    logits, labels = torch.randn(2, 10), torch.tensor([1, 2])
+    values, support = torch.randn(2, 3), torch.randint(0, 10, (2, 3))
+    options = LossOptions(backend="reference")
+    with pytest.raises(ValueError, match="need teacher_stats"):
+        fused_loss(logits, labels, values, torch.tensor([0, 1]), None, options, False, teacher_support=support)
+    with pytest.raises(ValueError, match="teacher_support must be"):
+        fused_loss(logits, labels, values, torch.tensor([0, 1]), torch.rand(2, 2), options, False, teacher_support=support[:, :2])
