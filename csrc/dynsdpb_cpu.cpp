@@ -192,7 +192,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
   const int64_t* index_ptr = has_teacher ? teacher_index->data_ptr<int64_t>() : nullptr;
   const float* stats_ptr = has_stats ? teacher_stats->data_ptr<float>() : nullptr;
-  const bool record = record_index.has_value() && ring_rows.has_value() && ring_stats.has_value();
+  const bool record = record_index.has_value() && ring_stats.has_value();  // rows too when ring_rows is given
+  const bool record_rows = record && ring_rows.has_value();
   const int64_t* record_ptr = record ? record_index->data_ptr<int64_t>() : nullptr;
   float* ring_stats_ptr = record ? ring_stats->data_ptr<float>() : nullptr;
   const int64_t* support_ptr = teacher_support.has_value() ? teacher_support->data_ptr<int64_t>() : nullptr;
@@ -218,7 +219,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       student[row][1] = zs.discrimination();
       if (record && record_ptr[row] >= 0) {  // the fused ring write, from the row already in cache
         const int64_t slot = record_ptr[row];
-        store_row(z.data(), vocab, *ring_rows, slot);
+        if (record_rows) store_row(z.data(), vocab, *ring_rows, slot);
         ring_stats_ptr[2 * slot] = student[row][0];
         ring_stats_ptr[2 * slot + 1] = student[row][1];
       }

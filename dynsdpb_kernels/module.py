@@ -69,6 +69,9 @@ class DynSDPBLoss(nn.Module):
         alpha, tau, dynamic, ignore_index: as in dynsdpb_loss.
         capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
         teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
+        teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their
+            ids; the KL is then taken over the teacher's top-k support, see TeacherRing).
+        topk: k for teacher_storage="topk".
         record: "new" (default: a sample with a teacher is consumed, one without is recorded),
             "all" or "none"; see TeacherRing.lookup.
         shift_labels: for (B, T, V) logits, position t predicts labels[:, t + 1] (Hugging Face
@@ -89,6 +92,8 @@ class DynSDPBLoss(nn.Module):
         ignore_index: int = -100,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
+        teacher_storage: str = "dense",
+        topk: int = 64,
         record: str = "new",
         shift_labels: bool = True,
         backend: str = "auto",
@@ -111,11 +116,13 @@ class DynSDPBLoss(nn.Module):
         _check_options(self.options)
         self.capacity_rows = capacity_rows
         self.teacher_dtype = teacher_dtype
+        self.teacher_storage = teacher_storage
+        self.topk = topk
         self.record = record
         self.shift_labels = shift_labels
         self.ring: TeacherRing | None = None
         if capacity_rows is not None:
-            self.ring = TeacherRing(vocab_size, capacity_rows, dtype=teacher_dtype)
+            self.ring = self._new_ring(capacity_rows)
         self.last_stats: DistillStats | None = None
 
     def extra_repr(self) -> str:
@@ -130,15 +137,21 @@ class DynSDPBLoss(nn.Module):
         return {"ring": self.ring.state_dict() if self.ring is not None else None}
 
     def set_extra_state(self, state: dict) -> None:
-        ring_state = state.get("ring")
+        self.load_ring_state_dict(state.get("ring"))
+
+    def load_ring_state_dict(self, ring_state: dict | None) -> None:
+        """Restore the ring from TeacherRing.state_dict() (None: an empty ring), creating it if needed."""
         if ring_state is None:
-            self.ring = None if self.capacity_rows is None else TeacherRing(
-                self.vocab_size, self.capacity_rows, dtype=self.teacher_dtype
-            )
+            self.ring = None if self.capacity_rows is None else self._new_ring(self.capacity_rows)
             return
         if self.ring is None:
-            self.ring = TeacherRing(ring_state["vocab_size"], ring_state["capacity_rows"], dtype=self.teacher_dtype)
+            self.ring = self._new_ring(ring_state["capacity_rows"])
         self.ring.load_state_dict(ring_state)
+
+    def _new_ring(self, capacity_rows: int) -> TeacherRing:
+        return TeacherRing(
+            self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, k=self.topk
+        )
 
     def forward(
         self,
@@ -204,7 +217,7 @@ class DynSDPBLoss(nn.Module):
 
     def _ring_for(self, n_rows: int) -> TeacherRing:
         if self.ring is None:
-            self.ring = TeacherRing(self.vocab_size, max(n_rows, 1), dtype=self.teacher_dtype)
+            self.ring = self._new_ring(max(n_rows, 1))
         return self.ring
 
     def _apply(
@@ -223,12 +236,12 @@ class DynSDPBLoss(nn.Module):
             grad_scale = torch.stack([1.0 / total, n_valid / (n_distilled.clamp_min(1) * total)]).float()
         teacher_rows = ring.rows if ring is not None else None
         teacher_stats = ring.stats if ring is not None else None
+        teacher_support = ring.support if ring is not None else None
+        if ring is not None:
+            ring.write_topk(logits.detach(), record)  # top-k storage only; before the logits can be overwritten
+        arguments = (logits, labels, teacher_rows, teacher_index, teacher_stats, self.options)
         if torch.is_grad_enabled() and logits.requires_grad:
-            loss, row_terms, _ = DynSDPBLossFunction.apply(
-                logits, labels, teacher_rows, teacher_index, teacher_stats, self.options, record, grad_scale
-            )
+            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, record, grad_scale, teacher_support)
             return loss, row_terms
-        loss, rows = fused_loss(
-            logits, labels, teacher_rows, teacher_index, teacher_stats, self.options, False, record, grad_scale
-        )
+        loss, rows = fused_loss(*arguments, False, record, grad_scale, teacher_support)
         return loss, rows.row_terms

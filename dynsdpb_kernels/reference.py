@@ -123,7 +123,8 @@ def reference_fused_rows(
     if record is not None:  # before grad_out, which may be the logits' own storage
         recorded = (record.index >= 0).nonzero().squeeze(1)
         slots = record.index[recorded]
-        record.rows[slots] = logits[recorded].to(record.rows.dtype)
+        if record.rows is not None:
+            record.rows[slots] = logits[recorded].to(record.rows.dtype)
         record.stats[slots] = student_stats[recorded]
 
     if grad is not None:

@@ -13,6 +13,11 @@ so a write never touches a live entry, whatever the call reads as teachers in th
 and a call that fails before `commit` leaves every live entry as it was. The bookkeeping runs on the
 device (no host sync per step): the per-sample tables `_start` / `_length` are indexed by sample id.
 
+Storage. "dense" keeps whole rows (P, V). "topk" keeps the k largest logits of each row (P, k) and their
+vocabulary ids `support` (P, k), with (u, d) still computed on the full row; the kernel then takes the
+KL over the teacher's top-k support (rows.py), an approximation of the dense KL at a fraction of the
+memory (k * (2 + 8) bytes a row in bfloat16 instead of V * 2).
+
 Matching. Row k of a sample (k-th position whose label is not ignore_index) is taught by row k of its
 entry. A sample whose number of valid rows differs from its entry's length gets no teacher.
 """
@@ -26,6 +31,7 @@ import torch
 from .rows import RowRecord
 
 RECORD_POLICIES = ("new", "all", "none")
+STORAGES = ("dense", "topk")
 RING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -64,9 +70,12 @@ class TeacherRing:
         device: where the ring lives; None allocates it on the device of the first call.
         reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
             number of rows of a larger call, which reallocates the ring once.
+        storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
+        k: entries kept per row with storage="topk".
 
-    Memory: (C + reserve) * V * dtype bytes for the rows, plus 8 bytes per row for (u, d) and 16 bytes
-    per distinct sample id for the entry table (`nbytes`).
+    Memory: (C + reserve) * V * dtype bytes for dense rows, or (C + reserve) * k * (dtype + 8) bytes for
+    top-k rows, plus 8 bytes per row for (u, d) and 16 bytes per distinct sample id for the entry table
+    (`nbytes`).
     """
 
     def __init__(
@@ -76,8 +85,12 @@ class TeacherRing:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         reserve_rows: int | None = None,
+        storage: str = "dense",
+        k: int = 64,
     ) -> None:
-        for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows)):
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows), ("k", k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if dtype not in RING_DTYPES:
@@ -87,12 +100,15 @@ class TeacherRing:
             raise ValueError(f"reserve_rows must be an int >= 1, got {reserve_rows!r}")
         self.vocab_size = vocab_size
         self.capacity_rows = capacity_rows
+        self.storage = storage
+        self.k = min(k, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
         self.device: torch.device | None = None
         self._follows_first_call = device is None  # a ring made or restored without a device moves to the first call's
         self._reserve = reserve
         self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
-        self.rows = torch.empty(0, vocab_size, dtype=dtype)
+        self.rows = torch.empty(0, self.k, dtype=dtype)  # (P, V) dense, (P, k) top-k values
+        self.support: torch.Tensor | None = torch.empty(0, self.k, dtype=torch.int64) if storage == "topk" else None
         self.stats = torch.empty(0, 2, dtype=torch.float32)
         self._start = torch.empty(0, dtype=torch.int64)
         self._length = torch.empty(0, dtype=torch.int64)
@@ -105,7 +121,9 @@ class TeacherRing:
     def _allocate(self, device: torch.device) -> None:
         physical = self.capacity_rows + self._reserve
         self.device = device
-        self.rows = torch.zeros(physical, self.vocab_size, dtype=self.dtype, device=device)
+        self.rows = torch.zeros(physical, self.k, dtype=self.dtype, device=device)
+        if self.support is not None:
+            self.support = torch.zeros(physical, self.k, dtype=torch.int64, device=device)
         self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
         self._start = self._start.to(device)
         self._length = self._length.to(device)
@@ -120,14 +138,15 @@ class TeacherRing:
         """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
         device = torch.device(device)
         self.device = device
-        for name in ("rows", "stats", "_start", "_length", "_head"):
-            setattr(self, name, getattr(self, name).to(device))
+        for name in ("rows", "support", "stats", "_start", "_length", "_head"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
         self._generation += 1
         return self
 
     def _grow_reserve(self, reserve: int) -> None:
         """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
-        old_rows, old_stats, old_physical = self.rows, self.stats, self.physical_rows
+        old_rows, old_support, old_stats, old_physical = self.rows, self.support, self.stats, self.physical_rows
         self._reserve = reserve
         assert self.device is not None
         self._allocate(self.device)
@@ -138,6 +157,8 @@ class TeacherRing:
         old_slots = positions % old_physical
         self.rows[new_slots] = old_rows[old_slots]
         self.stats[new_slots] = old_stats[old_slots]
+        if old_support is not None:
+            self.support[new_slots] = old_support[old_slots]
         self._generation += 1
 
     def _grow_table(self, size: int) -> None:
@@ -153,7 +174,8 @@ class TeacherRing:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device: rows, (u, d) statistics and the per-sample entry table."""
-        return sum(t.numel() * t.element_size() for t in (self.rows, self.stats, self._start, self._length))
+        held = (self.rows, self.support, self.stats, self._start, self._length)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def _live(self) -> torch.Tensor:
         return (self._start >= 0) & (self._start >= self._head - self.capacity_rows)
@@ -166,12 +188,32 @@ class TeacherRing:
         return 0 <= sample_id < self._start.shape[0] and bool(self._live()[sample_id])
 
     def teacher(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none."""
+        """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none. With top-k
+        storage the rows are (L, k) values and `teacher_support(sample_id)` gives their ids."""
+        slots = self._slots_of(sample_id)
+        return None if slots is None else (self.rows[slots].clone(), self.stats[slots].clone())
+
+    def teacher_support(self, sample_id: int) -> torch.Tensor | None:
+        """(L, k) vocabulary ids of a top-k sample's stored logits; None when it has no live entry."""
+        slots = self._slots_of(sample_id)
+        return None if slots is None or self.support is None else self.support[slots].clone()
+
+    def _slots_of(self, sample_id: int) -> torch.Tensor | None:
         if sample_id not in self:
             return None
         start, length = int(self._start[sample_id]), int(self._length[sample_id])
-        slots = torch.arange(start, start + length, device=self.device) % self.physical_rows
-        return self.rows[slots].clone(), self.stats[slots].clone()
+        return torch.arange(start, start + length, device=self.device) % self.physical_rows
+
+    def write_topk(self, logits: torch.Tensor, record: RowRecord | None) -> None:
+        """Top-k storage: store the k largest logits of each recorded row and their ids (the kernel writes
+        the (u, d)). Reads the recorded rows once more; call it before the logits are overwritten."""
+        if self.support is None or record is None:
+            return
+        recorded = (record.index >= 0).nonzero().squeeze(1)
+        values, ids = logits.index_select(0, recorded).topk(self.k, dim=-1)
+        slots = record.index.index_select(0, recorded)
+        self.rows[slots] = values.to(self.dtype)
+        self.support[slots] = ids
 
     def clear(self) -> None:
         """Forget every entry (storage stays allocated)."""
@@ -197,7 +239,10 @@ class TeacherRing:
             "vocab_size": self.vocab_size,
             "capacity_rows": self.capacity_rows,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "storage": self.storage,
+            "k": self.k,
             "rows": self.rows[slots].cpu(),
+            **({"support": self.support[slots].cpu()} if self.support is not None else {}),
             "stats": self.stats[slots].cpu(),
             "start": self._start[:table_size].cpu(),
             "length": self._length[:table_size].cpu(),
@@ -211,14 +256,21 @@ class TeacherRing:
                 raise ValueError(f"state_dict has {key}={state[key]} but this ring has {key}={mine}")
         if state["dtype"] != str(self.dtype).removeprefix("torch."):
             raise ValueError(f"state_dict has dtype {state['dtype']} but this ring stores {self.dtype}")
+        if (state.get("storage", "dense"), state.get("k", self.vocab_size)) != (self.storage, self.k):
+            raise ValueError(
+                f"state_dict has storage={state.get('storage', 'dense')!r}, k={state.get('k')} but this ring has "
+                f"storage={self.storage!r}, k={self.k}"
+            )
         head = int(state["head"])
         rows = state["rows"]
-        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.vocab_size):
+        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.k):
             raise ValueError(f"state_dict rows have shape {tuple(rows.shape)}, inconsistent with its header")
         self._allocate(self.device or torch.device("cpu"))
         self._head = torch.tensor(head, dtype=torch.int64, device=self.device)
         slots = self._live_positions() % self.physical_rows
         self.rows[slots] = rows.to(device=self.device, dtype=self.dtype)
+        if self.support is not None:
+            self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
         self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
         self._start = state["start"].to(device=self.device, dtype=torch.int64, copy=True)
         self._length = state["length"].to(device=self.device, dtype=torch.int64, copy=True)
@@ -288,7 +340,9 @@ class TeacherRing:
         recorded_rows = record_count.sum()
         return RingLookup(
             teacher_index=teacher_index.reshape(-1),
-            record=None if record == "none" else RowRecord(record_index.reshape(-1), self.rows, self.stats),
+            record=None if record == "none" else RowRecord(
+                record_index.reshape(-1), self.rows if self.support is None else None, self.stats
+            ),
             has_teacher=has_teacher,
             mismatched=mismatched,
             recorded_rows=recorded_rows,

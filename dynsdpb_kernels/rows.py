@@ -69,12 +69,13 @@ class RowRecord:
     """Where a kernel copies the rows it records (see the module docstring).
 
     index: (N,) int64, slot of `rows` that student row n is written to, -1 for rows not recorded.
-    rows:  (P, V) ring storage, any float dtype the kernel can write (float32, bfloat16, float16).
+    rows:  (P, V) ring storage, any float dtype the kernel can write (float32, bfloat16, float16); None
+           to write only the statistics (a top-k ring stores its rows itself).
     stats: (P, 2) float32, receives the recorded rows' (u, d).
     """
 
     index: torch.Tensor
-    rows: torch.Tensor
+    rows: torch.Tensor | None
     stats: torch.Tensor
 
 

@@ -132,6 +132,7 @@ def _dynsdpb_row_kernel(
     DYNAMIC: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     RECORD: tl.constexpr,
+    RECORD_ROWS: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -199,7 +200,7 @@ def _dynsdpb_row_kernel(
         cols = start + lane
         mask = cols < V
         z = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        if RECORD:
+        if RECORD_ROWS:
             if record_slot >= 0:  # the fused ring write: this block is in registers anyway
                 tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty), mask=mask)
         zm1_old = zm1
@@ -360,8 +361,8 @@ def triton_fused_rows(
         student_stats,
         grad_scale,
         record.index if record is not None else labels,
-        record.rows if record is not None else placeholder,
-        record.rows.stride(0) if record is not None else 0,
+        record.rows if record is not None and record.rows is not None else placeholder,
+        record.rows.stride(0) if record is not None and record.rows is not None else 0,
         record.stats if record is not None else placeholder,
         teacher_support if teacher_support is not None else labels,
         teacher_support.stride(0) if teacher_support is not None else 0,
@@ -376,6 +377,7 @@ def triton_fused_rows(
         DYNAMIC=config.dynamic,
         COMPUTE_GRAD=compute_grad,
         RECORD=record is not None,
+        RECORD_ROWS=record is not None and record.rows is not None,
         TEACHER_TOPK=teacher_support is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=block_v,

@@ -86,3 +86,41 @@ def test_topk_needs_stats_and_matching_support():
         fused_loss(logits, labels, values, torch.tensor([0, 1]), None, options, False, teacher_support=support)
     with pytest.raises(ValueError, match="teacher_support must be"):
         fused_loss(logits, labels, values, torch.tensor([0, 1]), torch.rand(2, 2), options, False, teacher_support=support[:, :2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_with_topk_ring_matches_truth(backend):
+    from dynsdpb_kernels import DynSDPBLoss
+
+    vocab_size, k = 300, 16
+    module = DynSDPBLoss(vocab_size, capacity_rows=32, teacher_dtype=torch.float32, teacher_storage="topk", topk=k,
+                         backend=backend, tau=2.5)
+    first = torch.randn(2, 4, vocab_size) * 3
+    labels = torch.randint(0, vocab_size, (2, 4))
+    module(first, labels, torch.tensor([0, 1]))
+    rows, _ = module.ring.teacher(1)
+    assert rows.shape == (3, k) and torch.equal(module.ring.teacher_support(1), first[1, :3].topk(k, -1).indices)
+    second = torch.randn(3, 4, vocab_size) * 3
+    labels2 = torch.cat([labels, torch.randint(0, vocab_size, (1, 4))])
+    student = second.clone().requires_grad_(True)
+    loss = module(student, labels2, torch.tensor([0, 1, 2]))
+    loss.backward()
+    flat_labels = F.pad(labels2[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    teacher_full = first[:, :3].reshape(-1, vocab_size)
+    index = torch.tensor([0, 1, 2, -1, 3, 4, 5, -1, -1, -1, -1, -1])
+    truth_loss, truth_grad = topk_truth(second.reshape(-1, vocab_size), flat_labels, teacher_full, index, k, 1.0, 2.5, True)
+    torch.testing.assert_close(loss.double(), truth_loss, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(student.grad.reshape(-1, vocab_size).double(), truth_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_topk_ring_memory_and_state():
+    from dynsdpb_kernels import TeacherRing
+
+    dense = TeacherRing(49152, 64, dtype=torch.bfloat16, device="cpu")
+    topk = TeacherRing(49152, 64, dtype=torch.bfloat16, device="cpu", storage="topk", k=64)
+    assert topk.rows.shape == (128, 64) and topk.support.shape == (128, 64)
+    assert topk.nbytes < 0.01 * dense.nbytes
+    with pytest.raises(ValueError, match="storage"):
+        TeacherRing(10, 4, storage="sparse")
+    with pytest.raises(ValueError, match="storage='topk'"):
+        topk.load_state_dict(dense.state_dict())

@@ -159,11 +159,4 @@ class DynSDPBTrainer(Trainer):
         path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if self.dynsdpb_loss.ring is None:
-            from ..ring import TeacherRing
-
-            self.dynsdpb_loss.ring = TeacherRing(
-                state["vocab_size"], state["capacity_rows"], dtype=self.dynsdpb_loss.teacher_dtype
-            )
-        self.dynsdpb_loss.ring.load_state_dict(state)
+        self.dynsdpb_loss.load_ring_state_dict(torch.load(path, map_location="cpu", weights_only=True))
