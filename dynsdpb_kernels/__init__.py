@@ -2,7 +2,8 @@
 
 from .backends import BACKENDS, resolve_backend
 from .loss import DynSDPBLossFunction, LossOptions, LossStats, dynsdpb_loss, fused_loss, loss_stats
-from .module import DistillStats, DynSDPBLoss
+from .fused_linear import FusedLinearDynSDPBFunction, fused_linear_dynsdpb_loss
+from .module import DistillStats, DynSDPBLoss, FusedLinearDynSDPBLoss
 from .reference import reference_fused_rows, row_statistics
 from .ring import RingLookup, TeacherRing
 from .rows import DistillConfig, FusedRows, RowRecord
@@ -16,6 +17,8 @@ __all__ = [
     "DistillStats",
     "DynSDPBLoss",
     "DynSDPBLossFunction",
+    "FusedLinearDynSDPBFunction",
+    "FusedLinearDynSDPBLoss",
     "FusedRows",
     "LossOptions",
     "LossStats",
@@ -26,6 +29,7 @@ __all__ = [
     "SampleIdDataset",
     "TeacherRing",
     "dynsdpb_loss",
+    "fused_linear_dynsdpb_loss",
     "fused_loss",
     "loss_stats",
     "reference_fused_rows",

@@ -27,6 +27,7 @@ from .loss import (
     loss_stats,
     row_counts,
 )
+from .fused_linear import FusedLinearDynSDPBFunction, Teachers, fused_linear_loss
 from .ring import RECORD_POLICIES, TeacherRing
 from .rows import DistillConfig, RowRecord
 
@@ -168,7 +169,6 @@ class DynSDPBLoss(nn.Module):
         micro-batch losses add up to the full batch's loss.
         """
         logits = _check_tensor("logits", logits)
-        labels = _check_tensor("labels", labels)
         _check_float("logits", logits, LOGIT_DTYPES)
         if logits.dim() not in (2, 3):
             raise ValueError(f"logits must have shape (B, T, V) or (B, V), got {tuple(logits.shape)}")
@@ -177,30 +177,41 @@ class DynSDPBLoss(nn.Module):
                 f"logits have vocabulary size {logits.shape[-1]} but this DynSDPBLoss (and its teacher ring) "
                 f"was built for vocab_size={self.vocab_size}"
             )
-        _check_integer("labels", labels)
-        if labels.shape != logits.shape[:-1]:
-            raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} to match logits, got {tuple(labels.shape)}")
-        _check_device("labels", labels, logits.device)
+        logits_2d = as_rows(logits, self.vocab_size)
 
+        def compute(labels_1d, ring, teacher_index, record, grad_scale):
+            return self._apply(logits_2d, labels_1d, ring, teacher_index, record, grad_scale)
+
+        return self._distill(compute, labels, logits.shape[:-1], logits.device, sample_ids, num_items_in_batch)
+
+    def _distill(self, compute, labels, leading_shape, device, sample_ids, num_items_in_batch) -> torch.Tensor:
+        """Everything around the rows computation: labels (checked, shifted), the ring lookup, the loss
+        weights, the commit and the stats. compute(labels (N,), ring | None, teacher_index | None,
+        record | None, grad_scale | None) -> (loss, row_terms)."""
+        labels = _check_tensor("labels", labels)
+        _check_integer("labels", labels)
+        if labels.shape != leading_shape:
+            raise ValueError(f"labels must have shape {tuple(leading_shape)} to match logits, got {tuple(labels.shape)}")
+        _check_device("labels", labels, device)
         ignore_index = self.options.distill.ignore_index
         labels = labels.long()
-        if logits.dim() == 3 and self.shift_labels:
+        if labels.dim() == 2 and self.shift_labels:
             # position t predicts token t + 1; the last position has no target
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         per_sample = labels if labels.dim() == 2 else labels[:, None]
-        logits_2d = as_rows(logits, self.vocab_size)
         labels_1d = per_sample.reshape(-1)
 
         if not self.training or sample_ids is None:
             if self.training:
                 raise ValueError("sample_ids are required in training mode: the teachers are looked up by them")
-            loss, row_terms = self._apply(logits_2d, labels_1d, None, None, None, num_items_in_batch)
+            loss, _ = compute(labels_1d, None, None, None, self._grad_scale(labels_1d, None, num_items_in_batch))
             return loss
 
         ring = self._ring_for(per_sample.numel())
         valid = per_sample != ignore_index
         lookup = ring.lookup(sample_ids, valid, record=self.record)
-        loss, row_terms = self._apply(logits_2d, labels_1d, ring, lookup.teacher_index, lookup.record, num_items_in_batch)
+        grad_scale = self._grad_scale(labels_1d, lookup.teacher_index, num_items_in_batch)
+        loss, row_terms = compute(labels_1d, ring, lookup.teacher_index, lookup.record, grad_scale)
         ring.commit(lookup)  # only after the kernel and its checks succeeded
 
         n_valid, n_distilled = row_counts(labels_1d, lookup.teacher_index, ignore_index)
@@ -215,6 +226,14 @@ class DynSDPBLoss(nn.Module):
         )
         return loss
 
+    def _grad_scale(self, labels, teacher_index, num_items_in_batch) -> torch.Tensor | None:
+        """(ce, distill) weights for num_items_in_batch (see forward); None: the plain means."""
+        if num_items_in_batch is None:
+            return None
+        n_valid, n_distilled = row_counts(labels, teacher_index, self.options.distill.ignore_index)
+        total = torch.as_tensor(num_items_in_batch, device=labels.device).float().clamp_min(1)
+        return torch.stack([1.0 / total, n_valid / (n_distilled.clamp_min(1) * total)]).float()
+
     def _ring_for(self, n_rows: int) -> TeacherRing:
         if self.ring is None:
             self.ring = self._new_ring(max(n_rows, 1))
@@ -227,13 +246,8 @@ class DynSDPBLoss(nn.Module):
         ring: TeacherRing | None,
         teacher_index: torch.Tensor | None,
         record: RowRecord | None,
-        num_items_in_batch: torch.Tensor | int | None,
+        grad_scale: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        grad_scale = None
-        if num_items_in_batch is not None:
-            n_valid, n_distilled = row_counts(labels, teacher_index, self.options.distill.ignore_index)
-            total = torch.as_tensor(num_items_in_batch, device=logits.device).float().clamp_min(1)
-            grad_scale = torch.stack([1.0 / total, n_valid / (n_distilled.clamp_min(1) * total)]).float()
         teacher_rows = ring.rows if ring is not None else None
         teacher_stats = ring.stats if ring is not None else None
         teacher_support = ring.support if ring is not None else None
@@ -245,3 +259,64 @@ class DynSDPBLoss(nn.Module):
             return loss, row_terms
         loss, rows = fused_loss(*arguments, False, record, grad_scale, teacher_support)
         return loss, rows.row_terms
+
+
+class FusedLinearDynSDPBLoss(DynSDPBLoss):
+    """DynSDPBLoss computed from hidden states and the LM head, without materialising the logits.
+
+    forward(hidden (B, T, H) or (B, H), weight (V, H), labels, sample_ids=None, bias=None,
+    num_items_in_batch=None) gives the same loss as DynSDPBLoss on logits = hidden @ weight.T + bias, and
+    gradients for hidden, weight and bias, but processes `chunk_size` rows at a time (fused_linear.py):
+    only one chunk of logits exists at once. It owns a TeacherRing like DynSDPBLoss (use
+    teacher_storage="topk" to keep the ring small too).
+
+    Args: those of DynSDPBLoss (inplace_grad does not apply: each chunk's logits buffer always receives
+    its gradient), plus chunk_size (rows per chunk; default from fused_linear.DEFAULT_CHUNK_BYTES) and
+    accum_dtype (dtype of the weight and bias gradients' accumulation across chunks, e.g. torch.float32).
+    """
+
+    def __init__(self, vocab_size: int, *, chunk_size: int | None = None, accum_dtype: torch.dtype | None = None, **kwargs) -> None:
+        super().__init__(vocab_size, **kwargs)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The loss of one batch (0-d float32); see DynSDPBLoss.forward with logits = hidden @ weight.T + bias."""
+        hidden = _check_tensor("hidden", hidden)
+        weight = _check_tensor("weight", weight)
+        _check_float("hidden", hidden, LOGIT_DTYPES)
+        if hidden.dim() not in (2, 3):
+            raise ValueError(f"hidden must have shape (B, T, H) or (B, H), got {tuple(hidden.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+        if weight.shape[0] != self.vocab_size:
+            raise ValueError(
+                f"weight has {weight.shape[0]} output rows (vocabulary) but this loss (and its teacher ring) "
+                f"was built for vocab_size={self.vocab_size}"
+            )
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])
+
+        def compute(labels_1d, ring, teacher_index, record, grad_scale):
+            teachers = Teachers()
+            if ring is not None:
+                topk_writer = ring if ring.support is not None else None
+                teachers = Teachers(ring.rows, teacher_index, ring.stats, ring.support, topk_writer)
+            arguments = (hidden_2d, weight, bias, labels_1d, teachers, self.options)
+            if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+                return FusedLinearDynSDPBFunction.apply(*arguments, record, grad_scale, self.chunk_size, self.accum_dtype)
+            result = fused_linear_loss(
+                *arguments, compute_grad=False, record=record, grad_scale=grad_scale, chunk_size=self.chunk_size
+            )
+            return result.loss, result.row_terms
+
+        return self._distill(compute, labels, hidden.shape[:-1], hidden.device, sample_ids, num_items_in_batch)
