@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     finetune.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; 512 for byte tokens)")
     finetune.add_argument("--eval-samples", type=int, default=24)
     finetune.add_argument("--lr", type=float, default=None)
+    finetune.add_argument("--fused-linear", action="store_true", help="DynSDPB arm: loss from the hidden states (no logits)")
+    finetune.add_argument("--teacher-storage", choices=["dense", "topk"], default="dense")
+    finetune.add_argument("--topk", type=int, default=64, help="k for --teacher-storage topk")
     args = parser.parse_args(argv)
 
     if args.command == "finetune":
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> None:
                 max_length=args.max_length,
                 eval_samples=args.eval_samples,
                 lr=args.lr,
+                fused_linear=args.fused_linear,
+                teacher_storage=args.teacher_storage,
+                topk=args.topk,
             )
         )
 

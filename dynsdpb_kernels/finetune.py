@@ -47,6 +47,9 @@ class FinetuneConfig:
     lr: float | None = None  # default: 5e-5 for a pretrained model, 2e-3 for the random tiny one
     alpha: float = 1.0
     tau: float = 3.0
+    fused_linear: bool = False  # DynSDPB arm: loss from the hidden states, no (B, T, V) logits (apply_dynsdpb)
+    teacher_storage: str = "dense"  # or "topk"
+    topk: int = 64
     cache_dir: Path = Path(os.environ.get("DYNSDPB_CACHE", Path.home() / ".cache" / "dynsdpb"))
 
 
@@ -285,28 +288,40 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    loss_fn = DynSDPBLoss(vocab_size, alpha=config.alpha, tau=config.tau) if method == "dynsdpb" else None
+    options = dict(alpha=config.alpha, tau=config.tau, teacher_storage=config.teacher_storage, topk=config.topk)
+    loss_fn = None
+    if method == "dynsdpb":
+        if config.fused_linear:
+            from .integrations.transformers import apply_dynsdpb
+
+            loss_fn = apply_dynsdpb(model, **options)
+        else:
+            loss_fn = DynSDPBLoss(vocab_size, **options)
     result = ArmResult(method=method)
     device = next(model.parameters()).device
     _rss_reset()
-    for step, indices in enumerate(batches(method, len(train), config), start=1):
-        started = time.perf_counter()
-        batch = pad_batch([train[i] for i in indices], pad_id)
-        if loss_fn is None:
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-            loss = outputs.loss
-            ce = float(loss.detach())
-        else:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = loss_fn(logits, batch["labels"], torch.tensor(indices))
-            ce = float(loss_fn.last_stats.loss.ce)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        result.seconds.append(time.perf_counter() - started)
-        result.train_loss.append(float(loss.detach()))
-        result.train_ce.append(ce)
-        _progress(method, step, config.steps, ce)
+    try:
+        for step, indices in enumerate(batches(method, len(train), config), start=1):
+            started = time.perf_counter()
+            batch = pad_batch([train[i] for i in indices], pad_id)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            if loss_fn is None:
+                loss = model(**inputs, labels=batch["labels"]).loss
+            elif config.fused_linear:
+                loss = model(**inputs, labels=batch["labels"], sample_ids=torch.tensor(indices)).loss
+            else:
+                loss = loss_fn(model(**inputs).logits, batch["labels"], torch.tensor(indices))
+            ce = float(loss.detach()) if loss_fn is None else float(loss_fn.last_stats.loss.ce)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.seconds.append(time.perf_counter() - started)
+            result.train_loss.append(float(loss.detach()))
+            result.train_ce.append(ce)
+            _progress(method, step, config.steps, ce)
+    finally:
+        if config.fused_linear and loss_fn is not None:
+            del model.forward  # undo apply_dynsdpb
     result.peak_memory_mb = _peak_memory_mb(device)
     result.ring_bytes = loss_fn.ring.nbytes if loss_fn is not None and loss_fn.ring is not None else 0
     result.heldout_loss, result.heldout_token_accuracy = evaluate(model, test, pad_id)

@@ -48,3 +48,15 @@ def test_finetune_command_runs_both_arms(tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "held-out loss" in out and "dynsdpb" in out
+
+
+def test_finetune_fused_linear_topk_matches_the_logits_path(tmp_path):
+    """The flag changes how the DynSDPB arm computes its loss, not what it computes."""
+    common = ["finetune", "--model", "tiny", "--steps", "4", "--eval-samples", "2", "--teacher-storage", "topk", "--topk", "32"]
+    cli.main(common + ["--out", str(tmp_path / "logits")])
+    cli.main(common + ["--fused-linear", "--out", str(tmp_path / "fused")])
+    plain = json.loads((tmp_path / "logits" / "results.json").read_text())["arms"][1]
+    fused = json.loads((tmp_path / "fused" / "results.json").read_text())["arms"][1]
+    assert plain["method"] == fused["method"] == "dynsdpb"
+    assert fused["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    assert fused["ring_bytes"] == plain["ring_bytes"] > 0

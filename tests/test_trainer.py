@@ -44,7 +44,7 @@ def tiny_model():
     return transformers.LlamaForCausalLM(config)
 
 
-def make_trainer(output_dir, max_steps=12, **kwargs):
+def make_trainer(output_dir, max_steps=12, trainer_options=None, **kwargs):
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-2,
         logging_steps=3, save_strategy="steps", save_steps=6, report_to=[], use_cpu=True, seed=0,
@@ -52,7 +52,7 @@ def make_trainer(output_dir, max_steps=12, **kwargs):
     )
     return DynSDPBTrainer(
         model=tiny_model(), args=args, train_dataset=ProgressionDataset(),
-        data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, capacity_rows=256,
+        data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, capacity_rows=256, **(trainer_options or {}),
     )
 
 
@@ -99,3 +99,40 @@ def test_resume_restores_the_ring_and_continues_identically(tmp_path):
     final_b = resumed.dynsdpb_loss.ring.state_dict()
     assert torch.equal(final_a["start"], final_b["start"]) and torch.equal(final_a["head"], final_b["head"])
     torch.testing.assert_close(final_a["rows"].float(), final_b["rows"].float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_fused_linear_trainer_matches_the_logits_path(tmp_path, storage):
+    options = {"teacher_storage": storage, "topk": 32}
+    plain = make_trainer(tmp_path / "plain", max_steps=6, trainer_options=options)
+    plain.train()
+    fused = make_trainer(tmp_path / "fused", max_steps=6, trainer_options={**options, "fused_linear": True})
+    fused.train()
+    plain_logs, fused_logs = _train_logs(plain), _train_logs(fused)
+    assert len(fused_logs) == 2
+    for a, b in zip(plain_logs, fused_logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
+        assert b["ring_bytes"] == a["ring_bytes"]
+    assert fused.evaluate(ProgressionDataset(8))["eval_loss"] == pytest.approx(plain.evaluate(ProgressionDataset(8))["eval_loss"], rel=1e-4)
+
+
+def test_apply_dynsdpb_skips_the_logits_in_training_only():
+    from dynsdpb_kernels import DynSDPBLoss
+    from dynsdpb_kernels.integrations.transformers import apply_dynsdpb
+
+    model = tiny_model()
+    reference = tiny_model()
+    loss_module = apply_dynsdpb(model, capacity_rows=64, backend="reference")
+    plain_loss = DynSDPBLoss(VOCAB, capacity_rows=64, backend="reference")
+    batch = pad_batch([ProgressionDataset()[i] for i in range(3)], pad_id=0)
+    ids = torch.tensor([0, 1, 2])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sample_ids=ids)
+    assert out.logits is None and model.dynsdpb_loss is loss_module
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = plain_loss(logits, batch["labels"], ids)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    assert "dynsdpb_loss" not in dict(model.named_modules())  # checkpoints stay plain
+    model.eval()
+    evaluated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    assert evaluated.logits is not None and evaluated.logits.shape == (3, batch["input_ids"].shape[1], VOCAB)

@@ -11,6 +11,7 @@ without labels; its logits go to DynSDPBLoss, which distills the samples seen on
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 
@@ -18,10 +19,50 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from ..module import DynSDPBLoss
+from ..module import DynSDPBLoss, FusedLinearDynSDPBLoss
 from ..sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
 
 RING_FILE = "dynsdpb_ring.pt"
+
+
+def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_options) -> FusedLinearDynSDPBLoss:
+    """Make a causal LM of the LLaMA family (`model.model` the decoder, `model.lm_head` the head) compute
+    DynSDPB through the fused linear path in training: when called in train mode with `labels` and
+    `sample_ids`, its forward runs the decoder, hands the last hidden states and the head's weight to
+    FusedLinearDynSDPBLoss (no (B, T, V) logits are formed) and returns an output whose `loss` is the
+    DynSDPB loss and whose `logits` is None. Every other call (eval, generation, no sample_ids) runs
+    the model's own forward unchanged.
+
+    Args:
+        model: e.g. LlamaForCausalLM (any *ForCausalLM with get_decoder() and get_output_embeddings()).
+        loss: the FusedLinearDynSDPBLoss to use; by default one is built with `loss_options`
+            (alpha, tau, dynamic, capacity_rows, teacher_storage, topk, chunk_size, accum_dtype, ...).
+    Returns the loss module (also reachable as model.dynsdpb_loss; not a submodule, so model checkpoints
+    stay plain: save its ring with loss.ring.state_dict()). `del model.forward` undoes the patch.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if loss is None:
+        loss = FusedLinearDynSDPBLoss(head.weight.shape[0], **loss_options)
+    original_forward = model.forward
+
+    # a plain function wrapping the bound forward keeps its signature visible (the Trainer reads it to
+    # decide which dataset columns the model takes)
+    @functools.wraps(original_forward)
+    def forward(*args, labels=None, sample_ids=None, num_items_in_batch=None, **kwargs):
+        if args or not (model.training and labels is not None and sample_ids is not None):
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return original_forward(*args, labels=labels, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        outputs = decoder(**kwargs)
+        value = loss(outputs.last_hidden_state, head.weight, labels, sample_ids, bias=head.bias, num_items_in_batch=num_items_in_batch)
+        return CausalLMOutputWithPast(loss=value, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    model.forward = forward
+    object.__setattr__(model, "dynsdpb_loss", loss)  # plain attribute: not registered as a submodule
+    return loss
 LOGGED_STATS = ("ce", "kl", "alpha_mean", "tau_mean")
 
 
@@ -33,6 +74,9 @@ class DynSDPBTrainer(Trainer):
         dynsdpb_loss: a DynSDPBLoss to use; by default one is built from the model's output vocabulary
             with alpha, tau, dynamic, capacity_rows and teacher_dtype.
         alpha, tau, dynamic, capacity_rows, teacher_dtype: DynSDPBLoss options.
+        fused_linear: compute the loss from the last hidden states through the fused linear path
+            (apply_dynsdpb): the (B, T, V) logits are never formed in training. teacher_storage and
+            topk choose the ring's storage ("topk" keeps it small as well).
 
     What it changes:
         - train dataloader: SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one
@@ -54,14 +98,22 @@ class DynSDPBTrainer(Trainer):
         dynamic: bool = True,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
+        fused_linear: bool = False,
+        teacher_storage: str = "dense",
+        topk: int = 64,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.fused_linear = fused_linear
         if dynsdpb_loss is None:
             vocab_size = self.model.get_output_embeddings().weight.shape[0]
-            dynsdpb_loss = DynSDPBLoss(
-                vocab_size, alpha=alpha, tau=tau, dynamic=dynamic, capacity_rows=capacity_rows, teacher_dtype=teacher_dtype
-            )
+            options = dict(alpha=alpha, tau=tau, dynamic=dynamic, capacity_rows=capacity_rows, teacher_dtype=teacher_dtype,
+                           teacher_storage=teacher_storage, topk=topk)
+            dynsdpb_loss = FusedLinearDynSDPBLoss(vocab_size, **options) if fused_linear else DynSDPBLoss(vocab_size, **options)
+        if fused_linear:
+            if not isinstance(dynsdpb_loss, FusedLinearDynSDPBLoss):
+                raise TypeError("fused_linear=True needs a FusedLinearDynSDPBLoss as dynsdpb_loss")
+            apply_dynsdpb(self.model, dynsdpb_loss)
         self.dynsdpb_loss = dynsdpb_loss
         self._stat_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._stat_calls = 0
@@ -96,14 +148,20 @@ class DynSDPBTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        sample_ids = inputs.pop("sample_ids", None)
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         self.dynsdpb_loss.train(model.training)
-        loss = self.dynsdpb_loss(
-            logits, labels, sample_ids if model.training else None, num_items_in_batch=num_items_in_batch
-        )
+        if self.fused_linear:  # the patched forward computes the loss from the hidden states
+            if not model.training:
+                inputs.pop("sample_ids", None)
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+            loss = outputs["loss"]
+        else:
+            labels = inputs.pop("labels")
+            sample_ids = inputs.pop("sample_ids", None)
+            outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = self.dynsdpb_loss(
+                logits, labels, sample_ids if model.training else None, num_items_in_batch=num_items_in_batch
+            )
         if model.training:
             self._accumulate_stats()
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
