@@ -27,6 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--csv", type=Path, default=Path("bench/results.csv"), help="results are appended here")
     bench.add_argument("--png", type=Path, default=Path("bench/results.png"))
+    head = commands.add_parser("bench-head", help="peak memory and time of the LM head + loss step, fwd+bwd")
+    head.add_argument("--n", type=int, default=2048, help="rows (tokens)")
+    head.add_argument("--v", type=int, default=49152, help="vocabulary size")
+    head.add_argument("--h", type=int, default=576, help="hidden size")
+    head.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    head.add_argument("--providers", type=_str_list, default=["ours", "ours-dense", "eager", "liger"])
+    head.add_argument("--device", default=None)
+    head.add_argument("--repeats", type=int, default=2)
     finetune = commands.add_parser(
         "finetune", help="fine-tune a small LLaMA with cross-entropy and with DynSDPB from the same start, and compare"
     )
@@ -43,6 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     finetune.add_argument("--teacher-storage", choices=["dense", "topk"], default="dense")
     finetune.add_argument("--topk", type=int, default=64, help="k for --teacher-storage topk")
     args = parser.parse_args(argv)
+
+    if args.command == "bench-head":
+        import torch
+
+        from .head_benchmark import run_head_grid
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        providers = [p for p in args.providers if p != "liger" or device == "cuda"]
+        run_head_grid(args.n, args.v, args.h, args.dtype, device, providers, args.repeats)
 
     if args.command == "finetune":
         from .finetune import DATA_PATH, FinetuneConfig, run

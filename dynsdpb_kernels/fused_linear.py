@@ -23,14 +23,18 @@ import torch
 from .loss import LossOptions, _check_float, _check_options, fused_loss, row_counts
 from .rows import N_ROW_TERMS, DistillConfig, RowRecord, row_terms_dtype
 
-# The chunk of logits a call may hold at once when chunk_size is not given.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# The chunk of logits a call may hold at once when chunk_size is not given: small on the CPU, where a
+# chunk of a few hundred rows already keeps the cores busy, larger on a GPU, which needs thousands of
+# rows in flight to fill its SMs.
+DEFAULT_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 256 * 2**20}
 
 
-def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one chunk of logits (rows x V in `dtype`) fits in budget_bytes (at least 1)."""
+def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk so that one chunk of logits (rows x V in `dtype`) fits in DEFAULT_CHUNK_BYTES of the
+    device type (at least 1 row)."""
+    budget = DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cpu"])
     per_row = vocab_size * torch.finfo(dtype).bits // 8
-    return max(1, min(n_rows, budget_bytes // per_row))
+    return max(1, min(n_rows, budget // per_row))
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ def fused_linear_loss(
     if grad_scale is None:
         n_valid, n_distilled = row_counts(labels, teachers.index, config.ignore_index)
         grad_scale = torch.stack([1.0 / n_valid.clamp_min(1), 1.0 / n_distilled.clamp_min(1)]).float()
-    chunk = chunk_size or default_chunk_size(n_rows, vocab_size, hidden.dtype)
+    chunk = chunk_size or default_chunk_size(n_rows, vocab_size, hidden.dtype, hidden.device)
     # each chunk: the kernel writes the gradient over its own logits buffer; checks run once, at the end
     chunk_options = replace(options, reduction="mean", inplace_grad=True, validate=False)
 
@@ -132,7 +136,10 @@ def fused_linear_loss(
         if compute_grad:
             grad = chunk_rows.grad  # the logits buffer, now dL/dz of this chunk
             torch.mm(grad, weight, out=grad_hidden[rows])
-            grad_weight += (grad.T @ hidden_chunk).to(accum)
+            if accum == weight.dtype:
+                grad_weight.addmm_(grad.T, hidden_chunk)  # no (V, H) temporary
+            else:
+                grad_weight += (grad.T @ hidden_chunk).to(accum)
             if grad_bias is not None:
                 grad_bias += grad.sum(0, dtype=accum)
         del logits, chunk_rows
@@ -227,7 +234,7 @@ def fused_linear_dynsdpb_loss(
         teacher_logits: None or (N, V) / (B, T, V) teacher rows (any float dtype, detached);
             teacher_mask: None or bool of labels' shape. (DynSDPB training keeps its teachers in a ring:
             see FusedLinearDynSDPBLoss.)
-        chunk_size: rows per chunk (default: DEFAULT_CHUNK_BYTES of logits); accum_dtype: dtype of the
+        chunk_size: rows per chunk (default: DEFAULT_CHUNK_BYTES of logits for the device); accum_dtype: dtype of the
             weight / bias gradient accumulation (default weight's; torch.float32 for bf16 training).
     Returns the 0-d float32 loss; gradients flow to hidden, weight and bias.
     """

@@ -89,7 +89,8 @@ def test_no_chunk_larger_than_chunk_size(monkeypatch):
     hidden, weight, bias, labels, teacher, mask = head_case(torch.float32)
     fused_linear_dynsdpb_loss(hidden.requires_grad_(True), weight, labels, teacher, mask, chunk_size=6, backend="reference")
     assert seen == [(6, V)] * 3 + [(5, V)]
-    assert fused_linear.default_chunk_size(10**6, 128256, torch.bfloat16) == fused_linear.DEFAULT_CHUNK_BYTES // (128256 * 2)
+    assert fused_linear.default_chunk_size(10**6, 128256, torch.bfloat16) == fused_linear.DEFAULT_CHUNK_BYTES["cpu"] // (128256 * 2)
+    assert fused_linear.default_chunk_size(10, 128256, torch.float32, "cuda") == 10
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
