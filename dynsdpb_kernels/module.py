@@ -251,13 +251,14 @@ class DynSDPBLoss(nn.Module):
         teacher_rows = ring.rows if ring is not None else None
         teacher_stats = ring.stats if ring is not None else None
         teacher_support = ring.support if ring is not None else None
-        if ring is not None:
-            ring.write_topk(logits.detach(), record)  # top-k storage only; before the logits can be overwritten
+        teacher_tail = ring.tail if ring is not None else None
+        if ring is not None:  # top-k storage only; before the logits can be overwritten
+            ring.write_topk(logits.detach(), record, self.options.distill)
         arguments = (logits, labels, teacher_rows, teacher_index, teacher_stats, self.options)
         if torch.is_grad_enabled() and logits.requires_grad:
-            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, record, grad_scale, teacher_support)
+            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, record, grad_scale, teacher_support, teacher_tail)
             return loss, row_terms
-        loss, rows = fused_loss(*arguments, False, record, grad_scale, teacher_support)
+        loss, rows = fused_loss(*arguments, False, record, grad_scale, teacher_support, teacher_tail)
         return loss, rows.row_terms
 
 
@@ -310,7 +311,7 @@ class FusedLinearDynSDPBLoss(DynSDPBLoss):
             teachers = Teachers()
             if ring is not None:
                 topk_writer = ring if ring.support is not None else None
-                teachers = Teachers(ring.rows, teacher_index, ring.stats, ring.support, topk_writer)
+                teachers = Teachers(ring.rows, teacher_index, ring.stats, ring.support, ring.tail, topk_writer)
             arguments = (hidden_2d, weight, bias, labels_1d, teachers, self.options)
             if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
                 return FusedLinearDynSDPBFunction.apply(*arguments, record, grad_scale, self.chunk_size, self.accum_dtype)

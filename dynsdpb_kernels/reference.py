@@ -20,6 +20,7 @@ from .rows import (
     ROW_UNCERTAINTY,
     DistillConfig,
     FusedRows,
+    TAIL_FLOOR,
     RowRecord,
     row_terms_dtype,
 )
@@ -52,13 +53,15 @@ def reference_fused_rows(
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
     teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
 ) -> FusedRows:
     """Per-row terms, student statistics and gradient of the DynSDPB loss, in plain PyTorch.
 
     Arguments follow rows.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
     `record`, when given, receives copies of the recorded rows and their (u, d). `teacher_support`
-    (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)).
+    (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)), and
+    `teacher_tail` (R,) their probability mass outside the top k at tau_r (rows.py).
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     student = logits.to(compute_dtype)
@@ -106,10 +109,18 @@ def reference_fused_rows(
         log_q = torch.log_softmax(student[distilled_rows] / tau[:, None], dim=-1)
         p = log_p.exp()
         if teacher_support is not None:
-            # top-k teacher: P_hat lives on the k support ids; KL(P_hat || Q) = sum_k P_hat (log P_hat - log Q[support])
+            # top-k teacher on its k support ids: P_j = (1 - tail) P_hat_j there, and the tail mass as one
+            # bucket against Q's mass outside the support (rows.py); tail = 0 is the plain top-k KL
             support = teacher_support[index]
-            kl = (p * (log_p - log_q.gather(1, support))).sum(-1)
-            p = torch.zeros_like(log_q).scatter_(1, support, p)  # P_hat as a dense row for the gradient
+            log_q_support = log_q.gather(1, support)
+            tail = teacher_tail[index].to(compute_dtype) if teacher_tail is not None else torch.zeros_like(tau)
+            log_p = log_p + torch.log1p(-tail)[:, None]
+            p = log_p.exp()
+            q_tail = (1.0 - log_q_support.exp().sum(-1)).clamp_min(TAIL_FLOOR)
+            tail_kl = torch.where(tail > 0, tail * (tail.clamp_min(1e-300).log() - q_tail.log()), 0.0)
+            kl = (p * (log_p - log_q_support)).sum(-1) + tail_kl
+            # the gradient's target: P on the support, the tail mass spread like Q elsewhere
+            p = (log_q.exp() * (tail / q_tail)[:, None]).scatter_(1, support, p)
         else:
             kl = (p * (log_p - log_q)).sum(-1)
         row_terms[distilled_rows, ROW_KL] = kl

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import RowRecord
+from .rows import DistillConfig, RowRecord
 
 RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
@@ -109,6 +109,7 @@ class TeacherRing:
         self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
         self.rows = torch.empty(0, self.k, dtype=dtype)  # (P, V) dense, (P, k) top-k values
         self.support: torch.Tensor | None = torch.empty(0, self.k, dtype=torch.int64) if storage == "topk" else None
+        self.tail: torch.Tensor | None = torch.empty(0, dtype=torch.float32) if storage == "topk" else None
         self.stats = torch.empty(0, 2, dtype=torch.float32)
         self._start = torch.empty(0, dtype=torch.int64)
         self._length = torch.empty(0, dtype=torch.int64)
@@ -124,6 +125,7 @@ class TeacherRing:
         self.rows = torch.zeros(physical, self.k, dtype=self.dtype, device=device)
         if self.support is not None:
             self.support = torch.zeros(physical, self.k, dtype=torch.int64, device=device)
+            self.tail = torch.zeros(physical, dtype=torch.float32, device=device)
         self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
         self._start = self._start.to(device)
         self._length = self._length.to(device)
@@ -138,7 +140,7 @@ class TeacherRing:
         """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
         device = torch.device(device)
         self.device = device
-        for name in ("rows", "support", "stats", "_start", "_length", "_head"):
+        for name in ("rows", "support", "tail", "stats", "_start", "_length", "_head"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         self._generation += 1
@@ -146,7 +148,8 @@ class TeacherRing:
 
     def _grow_reserve(self, reserve: int) -> None:
         """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
-        old_rows, old_support, old_stats, old_physical = self.rows, self.support, self.stats, self.physical_rows
+        old_rows, old_support, old_tail, old_stats = self.rows, self.support, self.tail, self.stats
+        old_physical = self.physical_rows
         self._reserve = reserve
         assert self.device is not None
         self._allocate(self.device)
@@ -159,6 +162,7 @@ class TeacherRing:
         self.stats[new_slots] = old_stats[old_slots]
         if old_support is not None:
             self.support[new_slots] = old_support[old_slots]
+            self.tail[new_slots] = old_tail[old_slots]
         self._generation += 1
 
     def _grow_table(self, size: int) -> None:
@@ -174,7 +178,7 @@ class TeacherRing:
     @property
     def nbytes(self) -> int:
         """Bytes held on the device: rows, (u, d) statistics and the per-sample entry table."""
-        held = (self.rows, self.support, self.stats, self._start, self._length)
+        held = (self.rows, self.support, self.tail, self.stats, self._start, self._length)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def _live(self) -> torch.Tensor:
@@ -204,16 +208,20 @@ class TeacherRing:
         start, length = int(self._start[sample_id]), int(self._length[sample_id])
         return torch.arange(start, start + length, device=self.device) % self.physical_rows
 
-    def write_topk(self, logits: torch.Tensor, record: RowRecord | None) -> None:
-        """Top-k storage: store the k largest logits of each recorded row and their ids (the kernel writes
-        the (u, d)). Reads the recorded rows once more; call it before the logits are overwritten."""
-        if self.support is None or record is None:
+    def write_topk(self, logits: torch.Tensor, record: RowRecord | None, config: DistillConfig) -> None:
+        """Top-k storage: store the k largest logits of each recorded row, their ids and the row's mass
+        outside them at the temperature tau_r that `config` gives it (the kernel writes the (u, d)). Reads
+        the recorded rows once more, 128 at a time; call it before the logits are overwritten."""
+        if self.support is None or self.tail is None or record is None:
             return
         recorded = (record.index >= 0).nonzero().squeeze(1)
-        values, ids = logits.index_select(0, recorded).topk(self.k, dim=-1)
-        slots = record.index.index_select(0, recorded)
-        self.rows[slots] = values.to(self.dtype)
-        self.support[slots] = ids
+        for part in recorded.split(128):
+            rows = logits.index_select(0, part).float()
+            values, ids = rows.topk(self.k, dim=-1)
+            slots = record.index.index_select(0, part)
+            self.rows[slots] = values.to(self.dtype)
+            self.support[slots] = ids
+            self.tail[slots] = _tail_mass(rows, values, config)
 
     def clear(self) -> None:
         """Forget every entry (storage stays allocated)."""
@@ -242,7 +250,7 @@ class TeacherRing:
             "storage": self.storage,
             "k": self.k,
             "rows": self.rows[slots].cpu(),
-            **({"support": self.support[slots].cpu()} if self.support is not None else {}),
+            **({"support": self.support[slots].cpu(), "tail": self.tail[slots].cpu()} if self.support is not None else {}),
             "stats": self.stats[slots].cpu(),
             "start": self._start[:table_size].cpu(),
             "length": self._length[:table_size].cpu(),
@@ -271,6 +279,7 @@ class TeacherRing:
         self.rows[slots] = rows.to(device=self.device, dtype=self.dtype)
         if self.support is not None:
             self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
+            self.tail[slots] = state["tail"].to(device=self.device, dtype=torch.float32)
         self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
         self._start = state["start"].to(device=self.device, dtype=torch.int64, copy=True)
         self._length = state["length"].to(device=self.device, dtype=torch.int64, copy=True)
@@ -377,3 +386,19 @@ def _check_sample_ids(sample_ids: object) -> torch.Tensor:
     if (counts > 1).any():
         raise ValueError(f"sample_ids must be distinct within a batch; repeated: {unique[counts > 1][:5].tolist()}")
     return ids
+
+
+def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """1 - sum_topk softmax(rows / tau_r): the probability mass a top-k teacher row leaves out, at the
+    temperature the loss will use for it (tau_r from the row's top-1/top-2 margin when config.dynamic)."""
+    log_norm = rows.logsumexp(-1)
+    if config.dynamic:
+        top2 = top_values[:, :2] if top_values.shape[1] >= 2 else rows.topk(min(2, rows.shape[1]), dim=-1).values
+        probs = (top2 - log_norm[:, None]).exp()
+        margin = probs[:, 0] - probs[:, 1] if probs.shape[1] == 2 else probs[:, 0]
+        tau_r = 1.0 + (config.tau - 1.0) * margin.clamp(0, 1)
+    else:
+        tau_r = torch.full_like(log_norm, config.tau)
+    log_norm_tau = (rows / tau_r[:, None]).logsumexp(-1)
+    kept = (top_values / tau_r[:, None] - log_norm_tau[:, None]).exp().sum(-1)
+    return (1.0 - kept).clamp(0.0, 1.0 - 1e-6)

@@ -22,6 +22,14 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
                      on the full row) is required. The KL is taken over the teacher's support:
                      P_hat = softmax(t_k / tau_r) on the k ids, kl_r = KL(P_hat || Q), and the gradient
                      alpha_r tau_r (Q - P_hat scattered to the support): an approximation of the dense KL.
+    teacher_tail     (R,) float32 | None, with teacher_support: the teacher's probability mass outside its
+                     top k at tau_r, m = 1 - sum_topk softmax(t / tau_r). Then P_j = (1 - m) P_hat_j on
+                     the support and the tail is one bucket: kl_r = sum_k P_k log(P_k / Q_k)
+                     + m log(m / Q_tail), Q_tail = 1 - sum_k Q_k, with gradient alpha_r tau_r (Q - P) on the
+                     support and alpha_r tau_r Q (1 - m / Q_tail) off it. This is the KL between the two
+                     distributions coarsened to (top-k ids, everything else), far closer to the dense KL
+                     than the plain top-k one when the tempered teacher is flat (m = 0 gives that one).
+                     Q_tail is floored at TAIL_FLOOR = 1e-6, below which 1 - sum_k Q_k is rounding noise.
 
 Recording (the fused ring write): for every row n with record.index[n] >= 0 the kernel writes the
 row's logits, rounded to nearest-even into the ring's dtype, to record.rows[record.index[n]], and the
@@ -43,6 +51,9 @@ ROW_ALPHA = 2  # alpha_r; 0 unless distilled
 ROW_TAU = 3  # tau_r; 0 unless distilled
 ROW_UNCERTAINTY = 4  # the teacher's u_r; 0 unless distilled
 N_ROW_TERMS = 5
+
+# Floor of Q's mass off a top-k teacher's support (teacher_tail above); the kernels use the same value.
+TAIL_FLOOR = 1e-6
 
 # Columns of FusedRows.student_stats and of teacher_stats.
 STAT_UNCERTAINTY = 0  # u = H(softmax(x)) / ln V, in [0, 1] (0 when V == 1)

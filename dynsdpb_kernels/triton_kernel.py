@@ -22,6 +22,9 @@ import triton.language as tl
 
 from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
+# Q's mass off a top-k teacher's support is taken as at least this (rows.py).
+TAIL_FLOOR = tl.constexpr(1e-6)
+
 # Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
 # live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
 MAX_BLOCK_V = 4096
@@ -121,6 +124,7 @@ def _dynsdpb_row_kernel(
     ring_stats_ptr,
     support_ptr,
     support_row_stride,
+    tail_ptr,
     K,
     V,
     ignore_index,
@@ -134,6 +138,7 @@ def _dynsdpb_row_kernel(
     RECORD: tl.constexpr,
     RECORD_ROWS: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -253,9 +258,16 @@ def _dynsdpb_row_kernel(
         z_k = tl.load(logits_row + support, mask=k_mask, other=0.0).to(tl.float32)
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
-        log_p_k = (t_k - tm1) * inv_tau - tl.log(tl.where(distilled, ts_tau, 1.0))
+        # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
+        tail = 0.0
+        if HAS_TAIL:
+            tail = tl.load(tail_ptr + tl.maximum(teacher_id, 0), mask=distilled, other=0.0).to(tl.float32)
+        log_p_k = (t_k - tm1) * inv_tau - tl.log(tl.where(distilled, ts_tau, 1.0)) + _log1p(-tail)
         log_q_k = (z_k - zm1) * inv_tau - log_zs_tau
         kl = tl.sum(tl.where(k_mask, tl.exp(log_p_k) * (log_p_k - log_q_k), 0.0), axis=0)
+        q_tail = tl.maximum(1.0 - tl.sum(tl.where(k_mask, tl.exp(log_q_k), 0.0), axis=0), TAIL_FLOOR)
+        kl += tl.where(tail > 0.0, tail * (tl.log(tl.maximum(tail, 1.1754944e-38)) - tl.log(q_tail)), 0.0)
+        tail_scale = 1.0 - tail / q_tail  # off the support the target is tail * Q / q_tail
     log_ts_tau = tl.log(tl.where(distilled, ts_tau, 1.0))
 
     # Pass 2: KL(P || Q) = sum_j P_j (log P_j - log Q_j), with log P_j = (t_j - tm1) / tau_r - log ts_tau
@@ -276,9 +288,9 @@ def _dynsdpb_row_kernel(
                 grad = ce_coef * tl.where(cols == label, label_grad, probs)
             if distilled:
                 log_q = (z - zm1) * inv_tau - log_zs_tau
-                if TEACHER_TOPK:  # the -P_hat part is written at the support below
+                if TEACHER_TOPK:  # the support entries are rewritten below
                     if COMPUTE_GRAD:
-                        grad += kl_coef * tl.exp(log_q)
+                        grad += kl_coef * tl.exp(log_q) * tail_scale
                 else:
                     t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
                     log_p = (t - tm1) * inv_tau - log_ts_tau
@@ -326,10 +338,11 @@ def triton_fused_rows(
     grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
     teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FusedRows:
     """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write,
-    `teacher_support`: vocabulary ids of top-k teacher rows).
+    `teacher_support` / `teacher_tail`: top-k teacher rows' vocabulary ids and tail mass).
 
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
     the vocabulary block width (a power of two), which tests use to force several blocks.
@@ -366,6 +379,7 @@ def triton_fused_rows(
         record.stats if record is not None else placeholder,
         teacher_support if teacher_support is not None else labels,
         teacher_support.stride(0) if teacher_support is not None else 0,
+        teacher_tail if teacher_tail is not None else placeholder,
         teacher_support.shape[1] if teacher_support is not None else 1,
         vocab_size,
         config.ignore_index,
@@ -379,6 +393,7 @@ def triton_fused_rows(
         RECORD=record is not None,
         RECORD_ROWS=record is not None and record.rows is not None,
         TEACHER_TOPK=teacher_support is not None,
+        HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=block_v,
         num_warps=8 if block_v >= 2048 else 4,
