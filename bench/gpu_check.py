@@ -5,9 +5,13 @@
 1. For float32 and bfloat16 at V = 32000 and 128256: the Triton kernel against the reference backend run
    in float64 on the same inputs (loss to 1e-4 relative, every gradient element within one rounding of
    the logits' dtype), with ignored rows, rows without a teacher and dynamic alpha/tau.
-2. `dynsdpb bench` at N = 4096: ours vs eager vs torch.compile vs Liger (CE + KL), forward+backward,
+2. The ring and the fused head on CUDA: DynSDPBLoss (dense and top-k ring) and FusedLinearDynSDPBLoss
+   over three DLB steps against the same modules on the reference backend.
+3. `dynsdpb bench` at N = 4096: ours vs eager vs torch.compile vs Liger (CE + KL), forward+backward,
    with peak memory and bandwidth against the device copy bandwidth; results appended to
-   bench/results.csv. The short table is printed last.
+   bench/results.csv.
+4. `dynsdpb bench-head` at N = 8192, V = 128256, H = 4096, bfloat16: fused head + top-k ring vs dense
+   ring vs eager vs Liger's fused linear cross-entropy + KL. The short table is printed last.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from dynsdpb_kernels import dynsdpb_loss
+from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, dynsdpb_loss
 from dynsdpb_kernels.benchmark import run_grid
+from dynsdpb_kernels.head_benchmark import run_head_grid
 
 
 def check_correctness() -> bool:
@@ -49,16 +54,48 @@ def check_correctness() -> bool:
     return ok
 
 
+def check_modules() -> bool:
+    """Three DLB steps through the ring and the fused head, Triton on CUDA against the reference backend."""
+    ok = True
+    vocab_size, hidden_size = 32000, 256
+    for storage in ("dense", "topk"):
+        torch.manual_seed(1)
+        weight = torch.randn(vocab_size, hidden_size, device="cuda") / hidden_size**0.5 * 4
+        make = lambda cls, backend: cls(vocab_size, capacity_rows=4096, teacher_storage=storage, backend=backend)  # noqa: E731
+        modules = {"triton": make(DynSDPBLoss, "triton"), "reference": make(DynSDPBLoss, "reference"),
+                   "fused-head": make(FusedLinearDynSDPBLoss, "triton")}
+        for ids in ([0, 1, 2, 3], list(range(8)), list(range(4, 12))):
+            hidden = torch.randn(len(ids), 64, hidden_size, device="cuda")
+            labels = torch.randint(0, vocab_size, (len(ids), 64), device="cuda")
+            sample_ids = torch.tensor(ids)
+            losses = {}
+            for name, module in modules.items():
+                h = hidden.clone().requires_grad_(True)
+                loss = module(h, weight, labels, sample_ids) if name == "fused-head" else module(h @ weight.T, labels, sample_ids)
+                loss.backward()
+                losses[name] = (float(loss), h.grad)
+            for name in ("triton", "fused-head"):
+                loss_error = abs(losses[name][0] - losses["reference"][0]) / abs(losses["reference"][0])
+                grad_error = float((losses[name][1] - losses["reference"][1]).norm() / losses["reference"][1].norm())
+                passed = loss_error < 1e-5 and grad_error < 1e-4
+                ok &= passed
+                print(f"ring/{storage:>5} {name:>10} step ids {ids[0]}..{ids[-1]}: loss rel err {loss_error:.1e}, "
+                      f"grad rel err {grad_error:.1e} -> {'ok' if passed else 'FAIL'}")
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     ok = check_correctness()
+    ok &= check_modules()
     results = run_grid(
         [4096], [32000, 128256], ["bfloat16", "float32"], ["full"], ["ours", "eager", "compile", "liger"],
         "cuda", repeats=10, csv_path=Path(__file__).resolve().parent / "results.csv",
     )
+    run_head_grid(8192, 128256, 4096, "bfloat16", "cuda", ["ours", "ours-dense", "eager", "liger"], repeats=3)
     print("\nshort table (forward+backward, N=4096): provider dtype V median_ms peak_MB bandwidth_GB/s")
     for r in results:
         print(f"{r.case.provider:>8} {r.case.dtype:>8} {r.case.vocab_size:>6} {1e3 * r.median_s:>9.2f} "

@@ -241,7 +241,7 @@ def _append_csv(path: Path, result: Result, versus: dict[str, float], copy_gbs: 
 
 
 def plot_csv(csv_path: Path, png_path: Path) -> bool:
-    """Bar chart of median time per provider for each case of the newest date in the CSV."""
+    """Median time per provider (log scale) for each case of the newest date in the CSV, one panel per mode."""
     try:
         import matplotlib
 
@@ -253,23 +253,27 @@ def plot_csv(csv_path: Path, png_path: Path) -> bool:
     rows = list(csv.DictReader(csv_path.open()))
     newest = max(row["date"] for row in rows)
     rows = [row for row in rows if row["date"] == newest]
-    cases = sorted({(r["mode"], r["dtype"], r["n_rows"], r["vocab_size"]) for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    cases = sorted({(int(r["n_rows"]), int(r["vocab_size"]), r["dtype"]) for r in rows})
+    figure, axes = plt.subplots(len(modes), 1, figsize=(max(6, 0.9 * len(cases) + 2), 3.2 * len(modes)), squeeze=False)
     width = 0.8 / max(1, len(providers))
-    for k, provider in enumerate(providers):
-        times = []
-        for case in cases:
-            match = [r for r in rows if (r["mode"], r["dtype"], r["n_rows"], r["vocab_size"]) == case and r["provider"] == provider]
-            times.append(float(match[-1]["median_s"]) if match else 0.0)
-        axis.bar([i + k * width for i in range(len(cases))], times, width, label=provider)
-    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    axis.set_xticklabels([f"{m}\n{d}\n{n}x{v}" for m, d, n, v in cases], fontsize=8)
-    axis.set_ylabel("median seconds (lower is better)")
-    axis.set_title(f"DynSDPB loss, {rows[0]['machine']}, {newest}")
-    axis.legend()
+    for axis, mode in zip(axes[:, 0], modes):
+        for k, provider in enumerate(providers):
+            times = []
+            for n, v, dtype in cases:
+                match = [r for r in rows if (int(r["n_rows"]), int(r["vocab_size"]), r["dtype"], r["mode"], r["provider"]) == (n, v, dtype, mode, provider)]
+                times.append(float(match[-1]["median_s"]) if match else float("nan"))
+            axis.bar([i + k * width for i in range(len(cases))], times, width, label=provider)
+        axis.set_yscale("log")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+        axis.set_xticklabels([f"{n}x{v}\n{dtype}" for n, v, dtype in cases], fontsize=7)
+        axis.set_ylabel("median s (log)")
+        axis.set_title(f"{'forward+backward' if mode == 'full' else mode}: DynSDPB loss, {rows[0]['machine']}, {newest}", fontsize=9)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(png_path, dpi=110)
+    plt.close(figure)
     return True
 
 

@@ -120,15 +120,15 @@ def load_smollm2(cache_dir: Path):
     return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), AutoTokenizer.from_pretrained(cached)
 
 
-def tiny_llama(vocab_size: int, seed: int):
-    """A small random LlamaForCausalLM (2 layers, hidden 64) for runs without a pretrained model."""
+def tiny_llama(vocab_size: int, seed: int, hidden_size: int = 64, layers: int = 2):
+    """A small random LlamaForCausalLM (4 heads, 2 KV heads) for runs and tests without a pretrained model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,

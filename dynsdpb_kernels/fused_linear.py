@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .loss import LossOptions, _check_float, _check_options, fused_loss, row_counts
+from .loss import LossOptions, _check_float, _check_options, fused_loss, row_counts, teacher_index_from_mask
 from .rows import N_ROW_TERMS, DistillConfig, RowRecord, row_terms_dtype
 
 # The chunk of logits a call may hold at once when chunk_size is not given: small on the CPU, where a
@@ -251,12 +251,7 @@ def fused_linear_dynsdpb_loss(
                 f"teacher_logits must hold ({hidden_2d.shape[0]}, {vocab_size}) rows (one per hidden row, the weight's "
                 f"vocabulary), got {tuple(teacher_logits.shape)}"
             )
-        index = torch.arange(hidden_2d.shape[0], device=hidden.device)
-        if teacher_mask is not None:
-            if teacher_mask.dtype != torch.bool or teacher_mask.shape != labels.shape:
-                raise ValueError(f"teacher_mask must be a bool tensor of labels' shape {tuple(labels.shape)}")
-            index = torch.where(teacher_mask.reshape(-1), index, -1)
-        teachers = Teachers(rows.contiguous(), index)
+        teachers = Teachers(rows.contiguous(), teacher_index_from_mask(teacher_mask, labels.shape, hidden.device))
     elif teacher_mask is not None:
         raise ValueError("teacher_mask was given without teacher_logits")
     options = LossOptions(

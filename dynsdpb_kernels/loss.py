@@ -135,6 +135,22 @@ def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None
         raise ValueError(f"{name} is on {tensor.device} but logits are on {device}; move them to one device")
 
 
+def teacher_index_from_mask(teacher_mask: torch.Tensor | None, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """teacher_index (N,) for teacher rows aligned with the student rows: row n teaches row n where
+    teacher_mask (of the leading shape, bool) is True or absent, -1 elsewhere."""
+    teacher_index = torch.arange(leading_shape.numel(), device=device)
+    if teacher_mask is None:
+        return teacher_index
+    teacher_mask = _check_tensor("teacher_mask", teacher_mask)
+    if teacher_mask.dtype != torch.bool or teacher_mask.shape != leading_shape:
+        raise ValueError(
+            f"teacher_mask must be a bool tensor of logits' leading shape {tuple(leading_shape)}, "
+            f"got {teacher_mask.dtype} {tuple(teacher_mask.shape)}"
+        )
+    _check_device("teacher_mask", teacher_mask, device)
+    return torch.where(teacher_mask.reshape(-1), teacher_index, -1)
+
+
 def as_rows(tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(..., V) -> (N, V), a view when possible; copied only when the vocabulary dimension is strided."""
     rows = tensor.reshape(-1, vocab_size)
@@ -476,7 +492,6 @@ def dynsdpb_loss(
     _check_device("labels", labels, logits.device)
 
     logits_2d = as_rows(logits, vocab_size)
-    n_rows = logits_2d.shape[0]
     teacher_rows = teacher_index = None
     if teacher_logits is not None:
         teacher_logits = _check_tensor("teacher_logits", teacher_logits)
@@ -491,16 +506,7 @@ def dynsdpb_loss(
             )
         _check_device("teacher_logits", teacher_logits, logits.device)
         teacher_rows = as_rows(teacher_logits.detach(), vocab_size)
-        teacher_index = torch.arange(n_rows, device=logits.device)
-        if teacher_mask is not None:
-            teacher_mask = _check_tensor("teacher_mask", teacher_mask)
-            if teacher_mask.dtype != torch.bool or teacher_mask.shape != leading_shape:
-                raise ValueError(
-                    f"teacher_mask must be a bool tensor of logits' leading shape {tuple(leading_shape)}, "
-                    f"got {teacher_mask.dtype} {tuple(teacher_mask.shape)}"
-                )
-            _check_device("teacher_mask", teacher_mask, logits.device)
-            teacher_index = torch.where(teacher_mask.reshape(-1), teacher_index, -1)
+        teacher_index = teacher_index_from_mask(teacher_mask, leading_shape, logits.device)
     elif teacher_mask is not None:
         raise ValueError("teacher_mask was given without teacher_logits")
 

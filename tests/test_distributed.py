@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 
 from dynsdpb_kernels import DynSDPBLoss, OverlapBatchSampler  # noqa: E402
-from dynsdpb_kernels.finetune import pad_batch  # noqa: E402
+from dynsdpb_kernels.finetune import pad_batch, tiny_llama  # noqa: E402
 
 WORLD, STEPS, BATCH, VOCAB, N_SAMPLES = 2, 6, 3, 300, 40
 
@@ -35,12 +35,7 @@ def make_dataset():
 
 
 def make_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, seed=0, hidden_size=32, layers=1)
 
 
 def rank_batches(rank):

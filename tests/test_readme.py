@@ -59,3 +59,11 @@ def test_trainer_example_runs(tmp_path, monkeypatch):
     assert len(logs) == 4 and logs[-1]["ce"] < logs[0]["ce"]
     assert {"kl", "alpha_mean", "tau_mean", "ring_bytes"} <= logs[-1].keys()
     assert (tmp_path / "trainer_out" / "checkpoint-10" / "dynsdpb_ring.pt").is_file()
+
+
+def test_fused_head_example_runs(capsys):
+    code = python_block_after("## Memory-constrained fine-tuning: the fused head and top-k teachers")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["hidden"].grad is not None and namespace["head"].weight.grad is not None
+    assert re.fullmatch(r"loss [\d.]+  teachers 2  ring \d+ bytes\n", capsys.readouterr().out)

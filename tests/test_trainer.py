@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dynsdpb_kernels.finetune import pad_batch  # noqa: E402
+from dynsdpb_kernels.finetune import pad_batch, tiny_llama  # noqa: E402
 from dynsdpb_kernels.integrations.transformers import RING_FILE, DynSDPBTrainer  # noqa: E402
 
 VOCAB = 1000
@@ -36,12 +36,7 @@ class ProgressionDataset(torch.utils.data.Dataset):
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, seed=0, hidden_size=32, layers=2)
 
 
 def make_trainer(output_dir, max_steps=12, trainer_options=None, **kwargs):
