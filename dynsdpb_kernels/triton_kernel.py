@@ -259,7 +259,7 @@ def _dynsdpb_row_kernel(
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
         # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
-        tail = 0.0
+        tail = tm1 * 0.0  # a float32 scalar tensor either way (compiled Triton wants tensors in tl.log)
         if HAS_TAIL:
             tail = tl.load(tail_ptr + tl.maximum(teacher_id, 0), mask=distilled, other=0.0).to(tl.float32)
         log_p_k = (t_k - tm1) * inv_tau - tl.log(tl.where(distilled, ts_tau, 1.0)) + _log1p(-tail)
