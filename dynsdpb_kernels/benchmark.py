@@ -36,22 +36,26 @@ MODES = ("forward", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def eager_dynsdpb_loss(logits, labels, teacher_logits, teacher_mask, alpha=1.0, tau=3.0, ignore_index=-100):
-    """The loss written the plain PyTorch way (mean reduction), the baseline for eager and compile."""
-    vocab_size = logits.shape[-1]
-    valid = labels != ignore_index
-    distilled = valid & teacher_mask
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+def eager_distill_terms(logits, teacher_logits, alpha=1.0, tau=3.0):
+    """Per-row alpha_r tau_r^2 KL(softmax(t / tau_r) || softmax(z / tau_r)) written the plain PyTorch way, with
+    alpha_r, tau_r from the teacher's entropy and top-2 margin (the eager baselines' distillation part)."""
     with torch.no_grad():
         teacher_probs = teacher_logits.float().softmax(-1)
-        uncertainty = torch.special.entr(teacher_probs).sum(-1) / math.log(vocab_size)
+        uncertainty = torch.special.entr(teacher_probs).sum(-1) / math.log(logits.shape[-1])
         top2 = teacher_probs.topk(2, dim=-1).values
         alpha_r = alpha * (1 - uncertainty)
         tau_r = (1 + (tau - 1) * (top2[:, 0] - top2[:, 1]))[:, None]
     log_q = F.log_softmax(logits.float() / tau_r, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / tau_r, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-    distill = (alpha_r * tau_r.squeeze(1) ** 2 * kl * distilled).sum() / distilled.sum().clamp_min(1)
+    return alpha_r * tau_r.squeeze(1) ** 2 * kl
+
+
+def eager_dynsdpb_loss(logits, labels, teacher_logits, teacher_mask, alpha=1.0, tau=3.0, ignore_index=-100):
+    """The loss written the plain PyTorch way (mean reduction), the baseline for eager and compile."""
+    distilled = (labels != ignore_index) & teacher_mask
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
+    distill = (eager_distill_terms(logits, teacher_logits, alpha, tau) * distilled).sum() / distilled.sum().clamp_min(1)
     return ce + distill
 
 
@@ -240,8 +244,8 @@ def _append_csv(path: Path, result: Result, versus: dict[str, float], copy_gbs: 
         writer.writerow(row)
 
 
-def plot_csv(csv_path: Path, png_path: Path) -> bool:
-    """Median time per provider (log scale) for each case of the newest date in the CSV, one panel per mode."""
+def import_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -249,6 +253,14 @@ def plot_csv(csv_path: Path, png_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; no plot drawn (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot_csv(csv_path: Path, png_path: Path) -> bool:
+    """Median time per provider (log scale) for each case of the newest date in the CSV, one panel per mode."""
+    plt = import_pyplot()
+    if plt is None:
         return False
     rows = list(csv.DictReader(csv_path.open()))
     newest = max(row["date"] for row in rows)

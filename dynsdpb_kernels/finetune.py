@@ -385,13 +385,10 @@ def format_table(results: dict) -> str:
 
 
 def plot_curves(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
+    from .benchmark import import_pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("dynsdpb finetune: matplotlib is not installed, no plot", file=sys.stderr)
+    plt = import_pyplot()
+    if plt is None:
         return False
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for arm in results["arms"]:

@@ -20,7 +20,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .loss import LossOptions, _check_float, _check_options, fused_loss, row_counts, teacher_index_from_mask
+from .loss import (
+    LossOptions,
+    _check_float,
+    _check_options,
+    fused_loss,
+    labels_out_of_range,
+    mean_grad_scale,
+    raise_for_bad_labels,
+    teacher_index_from_mask,
+)
 from .rows import N_ROW_TERMS, DistillConfig, RowRecord, row_terms_dtype
 
 # The chunk of logits a call may hold at once when chunk_size is not given: small on the CPU, where a
@@ -98,8 +107,7 @@ def fused_linear_loss(
     config = options.distill
     labels = labels.long()
     if grad_scale is None:
-        n_valid, n_distilled = row_counts(labels, teachers.index, config.ignore_index)
-        grad_scale = torch.stack([1.0 / n_valid.clamp_min(1), 1.0 / n_distilled.clamp_min(1)]).float()
+        grad_scale = mean_grad_scale(labels, teachers.index, config.ignore_index)
     chunk = chunk_size or default_chunk_size(n_rows, vocab_size, hidden.dtype, hidden.device)
     # each chunk: the kernel writes the gradient over its own logits buffer; checks run once, at the end
     chunk_options = replace(options, reduction="mean", inplace_grad=True, validate=False)
@@ -153,15 +161,10 @@ def fused_linear_loss(
 
 def _check_values(labels, vocab_size, ignore_index, row_terms, student_stats) -> None:
     """Label range and finiteness, read from the kernel's outputs with one host sync."""
-    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
     bad_rows = ~torch.isfinite(row_terms).all(1) | ~torch.isfinite(student_stats).all(1)
-    if not (out_of_range.any() | bad_rows.any()).item():
+    if not (labels_out_of_range(labels, vocab_size, ignore_index).any() | bad_rows.any()).item():
         return
-    if out_of_range.any():
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {int(out_of_range.sum())} outside, e.g. {labels[out_of_range][:5].tolist()}"
-        )
+    raise_for_bad_labels(labels, vocab_size, ignore_index)
     rows = bad_rows.nonzero().squeeze(1)
     raise ValueError(
         f"hidden and weight give logits with NaN or inf (or a teacher row does) in {rows.numel()} rows, "

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .benchmark import DTYPES, _reset_peak_rss, _status_bytes, machine_name
+from .benchmark import DTYPES, _reset_peak_rss, _status_bytes, eager_distill_terms, machine_name
 
 HEAD_PROVIDERS = ("ours", "ours-dense", "eager", "liger")
 
@@ -51,16 +51,7 @@ def eager_step(hidden, weight, labels, state: dict, alpha=1.0, tau=3.0):
     loss = F.cross_entropy(logits.float(), labels)
     teacher = state.get("teacher")
     if teacher is not None:
-        with torch.no_grad():
-            probs = teacher.float().softmax(-1)
-            uncertainty = torch.special.entr(probs).sum(-1) / math.log(logits.shape[1])
-            top2 = probs.topk(2, dim=-1).values
-            alpha_r = alpha * (1 - uncertainty)
-            tau_r = (1 + (tau - 1) * (top2[:, 0] - top2[:, 1]))[:, None]
-        log_q = F.log_softmax(logits[:n_prev].float() / tau_r, -1)
-        log_p = F.log_softmax(teacher.float() / tau_r, -1)
-        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-        loss = loss + (alpha_r * tau_r.squeeze(1) ** 2 * kl).mean()
+        loss = loss + eager_distill_terms(logits[:n_prev], teacher, alpha, tau).mean()
     state["teacher"] = logits[n_prev:].detach().to(torch.bfloat16)
     return loss
 

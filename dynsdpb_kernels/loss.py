@@ -81,6 +81,13 @@ def row_counts(labels: torch.Tensor, teacher_index: torch.Tensor | None, ignore_
     return valid.sum(), distilled.sum()
 
 
+def mean_grad_scale(labels: torch.Tensor, teacher_index: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """(1 / n_valid, 1 / n_distilled) as a float32 (2,) tensor on the labels' device: the weights of the two
+    gradient terms for reduction="mean" (an empty count weighs 1; its term is 0 anyway)."""
+    n_valid, n_distilled = row_counts(labels, teacher_index, ignore_index)
+    return torch.stack([1.0 / n_valid.clamp_min(1), 1.0 / n_distilled.clamp_min(1)]).float()
+
+
 def loss_stats(row_terms: torch.Tensor, n_valid: torch.Tensor, n_distilled: torch.Tensor) -> LossStats:
     """LossStats from the (N, 5) per-row terms of rows.py and the row counts."""
     per_valid = 1.0 / n_valid.clamp_min(1)
@@ -111,6 +118,12 @@ def _check_options(options: LossOptions) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options.reduction!r}")
     if options.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {options.backend!r}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """ValueError naming `name` unless value is an int >= 1 (a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_tensor(name: str, value: object) -> torch.Tensor:
@@ -225,6 +238,21 @@ def _check_contract(
         _check_device("teacher_stats", teacher_stats, logits.device)
 
 
+def labels_out_of_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
+    """Bool mask of the labels that are neither in [0, V) nor ignore_index (no sync)."""
+    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+
+
+def raise_for_bad_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """ValueError naming `labels` when one lies outside [0, V) and is not ignore_index (reads the device)."""
+    out_of_range = labels_out_of_range(labels, vocab_size, ignore_index)
+    if out_of_range.any():
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
+            f"found {int(out_of_range.sum())} outside, e.g. {labels[out_of_range][:5].tolist()}"
+        )
+
+
 def _raise_for_bad_values(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -233,14 +261,7 @@ def _raise_for_bad_values(
     ignore_index: int,
 ) -> None:
     """Name the argument behind a failed value check (runs only once a check has failed)."""
-    vocab_size = logits.shape[1]
-    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if out_of_range.any():
-        bad = labels[out_of_range][:5].tolist()
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {int(out_of_range.sum())} outside, e.g. {bad}"
-        )
+    raise_for_bad_labels(labels, logits.shape[1], ignore_index)
     bad_rows = (~torch.isfinite(logits)).any(1).nonzero().squeeze(1)
     if bad_rows.numel():
         raise ValueError(f"logits contain NaN or inf in {bad_rows.numel()} rows, e.g. rows {bad_rows[:5].tolist()}")
@@ -267,8 +288,7 @@ def _validate_values(
 ) -> None:
     """Label range and finiteness with one host sync: from the kernel's outputs when `rows` is given
     (a non-finite logit makes its row's outputs non-finite), otherwise from the inputs themselves."""
-    vocab_size = logits.shape[1]
-    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))).any()
+    bad = labels_out_of_range(labels, logits.shape[1], ignore_index).any()
     if teacher_index is not None and teacher_rows is not None:
         bad |= ((teacher_index < -1) | (teacher_index >= teacher_rows.shape[0])).any()
     if rows is not None:
@@ -313,13 +333,12 @@ def fused_loss(
     config = options.distill
     labels = labels.long()
     teacher_index = teacher_index.long() if teacher_index is not None else None
-    n_valid, n_distilled = row_counts(labels, teacher_index, config.ignore_index)
     if grad_scale is not None:
         if options.reduction == "none":
             raise ValueError("grad_scale applies to the reduced losses; reduction='none' takes none")
         grad_scale = grad_scale.to(device=logits.device, dtype=torch.float32)
     elif options.reduction == "mean":
-        grad_scale = torch.stack([1.0 / n_valid.clamp_min(1), 1.0 / n_distilled.clamp_min(1)]).float()
+        grad_scale = mean_grad_scale(labels, teacher_index, config.ignore_index)
     else:
         grad_scale = torch.ones(2, dtype=torch.float32, device=logits.device)
 

@@ -23,6 +23,7 @@ from .loss import (
     _check_options,
     _check_tensor,
     as_rows,
+    check_positive_int,
     fused_loss,
     loss_stats,
     row_counts,
@@ -102,8 +103,7 @@ class DynSDPBLoss(nn.Module):
         inplace_grad: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-            raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+        check_positive_int("vocab_size", vocab_size)
         if record not in RECORD_POLICIES:
             raise ValueError(f"record must be one of {RECORD_POLICIES}, got {record!r}")
         self.vocab_size = vocab_size
@@ -278,8 +278,8 @@ class FusedLinearDynSDPBLoss(DynSDPBLoss):
 
     def __init__(self, vocab_size: int, *, chunk_size: int | None = None, accum_dtype: torch.dtype | None = None, **kwargs) -> None:
         super().__init__(vocab_size, **kwargs)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+        if chunk_size is not None:
+            check_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self.accum_dtype = accum_dtype
 

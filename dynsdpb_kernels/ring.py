@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .loss import check_positive_int
 from .rows import DistillConfig, RowRecord
 
 RECORD_POLICIES = ("new", "all", "none")
@@ -91,13 +92,11 @@ class TeacherRing:
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive_int(name, value)
         if dtype not in RING_DTYPES:
             raise TypeError(f"dtype must be one of {RING_DTYPES}, got {dtype}")
         reserve = capacity_rows if reserve_rows is None else reserve_rows
-        if isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 1:
-            raise ValueError(f"reserve_rows must be an int >= 1, got {reserve_rows!r}")
+        check_positive_int("reserve_rows", reserve)
         self.vocab_size = vocab_size
         self.capacity_rows = capacity_rows
         self.storage = storage

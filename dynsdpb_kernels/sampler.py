@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
+from .loss import check_positive_int
+
 
 class OverlapBatchSampler(Sampler[list[int]]):
     """Batch sampler of DLB / DynSDPB: previous new samples + `batch_size` new samples per batch.
@@ -45,10 +47,8 @@ class OverlapBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
-            raise ValueError(f"num_replicas must be an int >= 1, got {num_replicas!r}")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("num_replicas", num_replicas)
         if not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
         if isinstance(data_len_or_sampler, int) and not isinstance(data_len_or_sampler, bool):

@@ -197,6 +197,10 @@ class DynSDPBTrainer(Trainer):
             self._stat_calls = 0
         super().log(logs, *args, **kwargs)
 
+    def _ring_file(self) -> str:
+        """This process's ring file in a checkpoint folder: each process keeps its own teachers."""
+        return RING_FILE if self.args.world_size == 1 else f"dynsdpb_ring_rank{self.args.process_index}.pt"
+
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         ring = self.dynsdpb_loss.ring
@@ -205,16 +209,13 @@ class DynSDPBTrainer(Trainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        # each process keeps its own teachers
-        name = RING_FILE if self.args.world_size == 1 else f"dynsdpb_ring_rank{self.args.process_index}.pt"
-        torch.save(ring.state_dict(), os.path.join(folder, name))
+        torch.save(ring.state_dict(), os.path.join(folder, self._ring_file()))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        name = RING_FILE if self.args.world_size == 1 else f"dynsdpb_ring_rank{self.args.process_index}.pt"
-        path = os.path.join(checkpoint, name)
+        path = os.path.join(checkpoint, self._ring_file())
         if not os.path.isfile(path):
             return
         self.dynsdpb_loss.load_ring_state_dict(torch.load(path, map_location="cpu", weights_only=True))
