@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, dynsdpb_loss
-from dynsdpb_kernels.benchmark import run_grid
-from dynsdpb_kernels.head_benchmark import run_head_grid
+from dynsdpb_kernels.tools.benchmark import run_grid
+from dynsdpb_kernels.tools.head_benchmark import run_head_grid
 
 
 def check_correctness() -> bool:

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from dynsdpb_kernels.head_benchmark import HEAD_PROVIDERS, HeadCase, make_head_step
+from dynsdpb_kernels.tools.head_benchmark import HEAD_PROVIDERS, HeadCase, make_head_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, V, H = (int(x) for x in os.environ.get("DYNSDPB_BENCH_HEAD", "1024x32000x256").split("x"))

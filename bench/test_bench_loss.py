@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from dynsdpb_kernels.benchmark import DTYPES, make_provider
+from dynsdpb_kernels.tools.benchmark import DTYPES, make_provider
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [tuple(int(x) for x in shape.split("x")) for shape in os.environ.get("DYNSDPB_BENCH_SHAPES", "1024x32000").split(",")]

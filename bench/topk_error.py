@@ -18,7 +18,7 @@ import sys
 import torch
 
 from dynsdpb_kernels import DistillConfig, LossOptions, fused_loss, row_statistics
-from dynsdpb_kernels.finetune import DATA_PATH, FinetuneConfig, load_examples, load_smollm2, pad_batch, tokenize
+from dynsdpb_kernels.tools.finetune import DATA_PATH, FinetuneConfig, load_examples, load_smollm2, pad_batch, tokenize
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The `dynsdpb` command line."""
+"""The `dynsdpb` command line: parses the arguments, then imports the tool that runs the command
+(dynsdpb_kernels.tools), so `import dynsdpb_kernels` never loads a tool."""
 
 from __future__ import annotations
 
@@ -17,34 +18,50 @@ def _str_list(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dynsdpb", description="DynSDPB fused-loss kernels")
     commands = parser.add_subparsers(dest="command", required=True)
-    bench = commands.add_parser("bench", help="time the fused loss against eager PyTorch, torch.compile and Liger")
+    defaults_shown = argparse.ArgumentDefaultsHelpFormatter  # every output path is named in --help
+    bench = commands.add_parser(
+        "bench", help="time the fused loss against eager PyTorch, torch.compile and Liger", formatter_class=defaults_shown
+    )
     bench.add_argument("--n", type=_int_list, default=[1024, 4096], help="rows, comma-separated")
     bench.add_argument("--v", type=_int_list, default=[32000, 49152, 128256], help="vocabulary sizes")
     bench.add_argument("--dtype", type=_str_list, default=["float32", "bfloat16"])
     bench.add_argument("--mode", type=_str_list, default=["forward", "full"], help="forward and/or full (forward+backward)")
     bench.add_argument("--providers", type=_str_list, default=["ours", "eager", "compile", "liger"])
-    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    bench.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--csv", type=Path, default=Path("bench/results.csv"), help="results are appended here")
-    bench.add_argument("--png", type=Path, default=Path("bench/results.png"))
-    head = commands.add_parser("bench-head", help="peak memory and time of the LM head + loss step, fwd+bwd")
+    bench.add_argument(
+        "--csv", type=Path, default=Path("dynsdpb_bench/results.csv"),
+        help="results are appended to this file (relative paths are under the current directory)",
+    )
+    bench.add_argument(
+        "--png", type=Path, default=Path("dynsdpb_bench/results.png"),
+        help="plot of every result in --csv, drawn when matplotlib is installed",
+    )
+    head = commands.add_parser(
+        "bench-head", help="peak memory and time of the LM head + loss step, fwd+bwd (prints a table, writes nothing)",
+        formatter_class=defaults_shown,
+    )
     head.add_argument("--n", type=int, default=2048, help="rows (tokens)")
     head.add_argument("--v", type=int, default=49152, help="vocabulary size")
     head.add_argument("--h", type=int, default=576, help="hidden size")
     head.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     head.add_argument("--providers", type=_str_list, default=["ours", "ours-dense", "eager", "liger"])
-    head.add_argument("--device", default=None)
+    head.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
     head.add_argument("--repeats", type=int, default=2)
     finetune = commands.add_parser(
-        "finetune", help="fine-tune a small LLaMA with cross-entropy and with DynSDPB from the same start, and compare"
+        "finetune", help="fine-tune a small LLaMA with cross-entropy and with DynSDPB from the same start, and compare",
+        formatter_class=defaults_shown,
     )
     finetune.add_argument("--model", default="auto", help="auto (SmolLM2 when installed, else tiny), smollm2, tiny, or a local folder")
-    finetune.add_argument("--data", type=Path, default=None, help="a .jsonl(.gz) with question/solution/split records")
+    finetune.add_argument("--data", type=Path, default=None, help="a .jsonl(.gz) with question/solution/split records; None: the shipped GSM-style problems")
     finetune.add_argument("--steps", type=int, default=16)
     finetune.add_argument("--batch-size", type=int, default=2, help="new samples per step")
     finetune.add_argument("--seed", type=int, default=0)
-    finetune.add_argument("--out", type=Path, default=Path("finetune_out"), help="folder for results.json and loss_curves.png")
-    finetune.add_argument("--max-length", type=int, default=None, help="tokens per example (default 128; 512 for byte tokens)")
+    finetune.add_argument(
+        "--out", type=Path, default=Path("finetune_out"),
+        help="folder that receives results.json and loss_curves.png (relative paths are under the current directory)",
+    )
+    finetune.add_argument("--max-length", type=int, default=None, help="tokens per example; None: 128, or 512 for byte tokens")
     finetune.add_argument("--eval-samples", type=int, default=24)
     finetune.add_argument("--lr", type=float, default=None)
     finetune.add_argument("--fused-linear", action="store_true", help="DynSDPB arm: loss from the hidden states (no logits)")
@@ -55,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench-head":
         import torch
 
-        from .head_benchmark import run_head_grid
+        from .tools.head_benchmark import run_head_grid
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         providers = [p for p in args.providers if p != "liger" or device == "cuda"]
         run_head_grid(args.n, args.v, args.h, args.dtype, device, providers, args.repeats)
 
     if args.command == "finetune":
-        from .finetune import DATA_PATH, FinetuneConfig, run
+        from .tools.finetune import DATA_PATH, FinetuneConfig, run
 
         run(
             FinetuneConfig(
@@ -84,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "bench":
         import torch
 
-        from .benchmark import plot_csv, run_grid
+        from .tools.benchmark import plot_csv, run_grid
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         providers = [p for p in args.providers if p != "liger" or device == "cuda"]

@@ -1,4 +1,4 @@
-"""Regenerate dynsdpb_kernels/data/gsm_symbolic.jsonl.gz (the finetune command's default dataset).
+"""Regenerate dynsdpb_kernels/tools/data/gsm_symbolic.jsonl.gz (the finetune command's default dataset).
 
 Needs `pip install reasoning-gym==0.1.25` (Apache-2.0); the package itself never imports it.
 GSM8K-style word problems with worked solutions ending in "#### <answer>", from reasoning-gym's
@@ -12,7 +12,7 @@ from pathlib import Path
 import reasoning_gym
 
 TRAIN, TEST = 1200, 200
-OUT = Path(__file__).resolve().parent.parent / "dynsdpb_kernels" / "data" / "gsm_symbolic.jsonl.gz"
+OUT = Path(__file__).resolve().parent.parent / "dynsdpb_kernels" / "tools" / "data" / "gsm_symbolic.jsonl.gz"
 
 
 def main() -> None:

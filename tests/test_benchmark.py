@@ -8,7 +8,7 @@ import torch
 from truth import truth_dynsdpb
 
 from dynsdpb_kernels import dynsdpb_loss
-from dynsdpb_kernels.benchmark import eager_dynsdpb_loss
+from dynsdpb_kernels.tools.benchmark import eager_dynsdpb_loss
 from dynsdpb_kernels.cli import main
 
 

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 
 from dynsdpb_kernels import DynSDPBLoss, OverlapBatchSampler  # noqa: E402
-from dynsdpb_kernels.finetune import pad_batch, tiny_llama  # noqa: E402
+from dynsdpb_kernels.tools.finetune import pad_batch, tiny_llama  # noqa: E402
 
 WORLD, STEPS, BATCH, VOCAB, N_SAMPLES = 2, 6, 3, 300, 40
 

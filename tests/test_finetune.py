@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from dynsdpb_kernels import cli  # noqa: E402
-from dynsdpb_kernels.finetune import DATA_PATH, ByteTokenizer, load_examples, pad_batch, tokenize  # noqa: E402
+from dynsdpb_kernels.tools.finetune import DATA_PATH, ByteTokenizer, load_examples, pad_batch, tokenize  # noqa: E402
 
 
 def test_shipped_dataset_is_small_split_and_disjoint():

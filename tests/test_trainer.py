@@ -9,7 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dynsdpb_kernels.finetune import pad_batch, tiny_llama  # noqa: E402
+from dynsdpb_kernels.tools.finetune import pad_batch, tiny_llama  # noqa: E402
 from dynsdpb_kernels.integrations.transformers import RING_FILE, DynSDPBTrainer  # noqa: E402
 
 VOCAB = 1000

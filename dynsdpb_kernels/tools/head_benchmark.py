@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from .benchmark import DTYPES, _reset_peak_rss, _status_bytes, eager_distill_terms, machine_name
+from .benchmark import DTYPES, reset_peak_rss, status_bytes, eager_distill_terms, machine_name
 
 HEAD_PROVIDERS = ("ours", "ours-dense", "eager", "liger")
 
@@ -60,7 +60,7 @@ def make_head_step(case: HeadCase):
     """step(hidden, weight, labels, step_index) -> loss for the provider."""
     n_prev = case.n_rows // 2
     if case.provider in ("ours", "ours-dense"):
-        from .module import FusedLinearDynSDPBLoss
+        from ..module import FusedLinearDynSDPBLoss
 
         storage = "topk" if case.provider == "ours" else "dense"
         module = FusedLinearDynSDPBLoss(
@@ -109,7 +109,7 @@ def run_head_case(case: HeadCase, repeats: int) -> dict:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        baseline = _reset_peak_rss()
+        baseline = reset_peak_rss()
     times = []
     for step in range(repeats + 1):  # step 0 has no teachers yet; the timed steps all have them
         start = time.perf_counter()
@@ -119,7 +119,7 @@ def run_head_case(case: HeadCase, repeats: int) -> dict:
             torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
     ring_bytes = module.ring.nbytes if module is not None else case.n_rows // 2 * case.vocab_size * 2
     return {"median_s": statistics.median(times), "peak_extra_bytes": max(0, peak - baseline), "teacher_bytes": ring_bytes}
 
@@ -130,7 +130,7 @@ def run_head_grid(n_rows: int, vocab_size: int, hidden_size: int, dtype: str, de
     print(f"# {machine_name(device)}, torch {torch.__version__}; N={n_rows} V={vocab_size} H={hidden_size} {dtype}, fwd+bwd")
     for provider in providers:
         case = HeadCase(provider, n_rows, vocab_size, hidden_size, dtype, device)
-        command = [sys.executable, "-m", "dynsdpb_kernels.head_benchmark", json.dumps(asdict(case)), str(repeats)]
+        command = [sys.executable, "-m", "dynsdpb_kernels.tools.head_benchmark", json.dumps(asdict(case)), str(repeats)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{provider:>10}  skipped: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")

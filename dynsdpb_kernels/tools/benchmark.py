@@ -83,7 +83,7 @@ class Result:
 
 def make_provider(provider: str, device: str):
     if provider == "ours":
-        from . import dynsdpb_loss
+        from .. import dynsdpb_loss
 
         return lambda z, y, t, m: dynsdpb_loss(z, y, t, m)
     if provider == "eager":
@@ -105,7 +105,7 @@ def make_provider(provider: str, device: str):
     raise ValueError(f"unknown provider {provider!r}")
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -113,11 +113,11 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
     """Reset the peak RSS (VmHWM) to the current RSS, so that warm-up and compilation do not count."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def run_case(case: Case, repeats: int) -> Result:
@@ -147,13 +147,13 @@ def run_case(case: Case, repeats: int) -> Result:
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = _reset_peak_rss()
+        baseline = reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")
     element = logits.element_size()
     floor = case.n_rows * case.vocab_size * element * (3 if case.mode == "full" else 2)
     return Result(case, statistics.median(times), max(0, peak - baseline), floor)
@@ -175,7 +175,7 @@ def copy_bandwidth_gbs(device: str, n_bytes: int = 1 << 30) -> float:
 
 def run_in_subprocess(case: Case, repeats: int) -> Result | str:
     """run_case in a fresh interpreter; the error text when the provider cannot run."""
-    command = [sys.executable, "-m", "dynsdpb_kernels.benchmark", json.dumps(asdict(case)), str(repeats)]
+    command = [sys.executable, "-m", "dynsdpb_kernels.tools.benchmark", json.dumps(asdict(case)), str(repeats)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return (done.stderr.strip().splitlines() or ["failed"])[-1]
@@ -289,6 +289,6 @@ def plot_csv(csv_path: Path, png_path: Path) -> bool:
     return True
 
 
-if __name__ == "__main__":  # one case in a fresh process: python -m dynsdpb_kernels.benchmark CASE_JSON REPEATS
+if __name__ == "__main__":  # one case in a fresh process: python -m dynsdpb_kernels.tools.benchmark CASE_JSON REPEATS
     measured = run_case(Case(**json.loads(sys.argv[1])), int(sys.argv[2]))
     print(json.dumps({"median_s": measured.median_s, "peak_extra_bytes": measured.peak_extra_bytes, "floor_bytes": measured.floor_bytes}))

