@@ -1,12 +1,13 @@
 """Fused kernels for DynSDPB: self-distillation from the previous mini-batch for fine-tuning LMs."""
 
 from .backends import BACKENDS, resolve_backend
-from .loss import DynSDPBLossFunction, LossOptions, LossStats, dynsdpb_loss, fused_loss, loss_stats
-from .fused_linear import FusedLinearDynSDPBFunction, fused_linear_dynsdpb_loss
-from .module import DistillStats, DynSDPBLoss, FusedLinearDynSDPBLoss
+from .contract import DistillConfig, FusedRows, LossOptions, RowRecord, Teachers, TopkRecord
+from .loss import DynSDPBLossFunction, LossStats, fused_loss, loss_stats
+from .fused_linear import FusedLinearDynSDPBFunction
+from .functional import dynsdpb_loss, fused_linear_dynsdpb_loss
+from .module import DistillStats, DynSDPBLoss, FusedLinearDynSDPBLoss, RingLoss
 from .reference import reference_fused_rows, row_statistics
 from .ring import RingLookup, TeacherRing
-from .rows import DistillConfig, FusedRows, RowRecord
 from .sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
 
 __version__ = "0.2.0"
@@ -23,11 +24,14 @@ __all__ = [
     "LossOptions",
     "LossStats",
     "OverlapBatchSampler",
+    "RingLoss",
     "RingLookup",
     "RowRecord",
     "SampleIdCollator",
     "SampleIdDataset",
     "TeacherRing",
+    "Teachers",
+    "TopkRecord",
     "dynsdpb_loss",
     "fused_linear_dynsdpb_loss",
     "fused_loss",

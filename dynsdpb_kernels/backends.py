@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from .reference import reference_fused_rows
-from .rows import FusedRows
+from .contract import FusedRows
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
@@ -82,7 +82,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def row_kernel(backend: str, device: torch.device) -> RowKernel:
-    """The function implementing the row contract (rows.py) for `backend` on `device`."""
+    """The function implementing the row contract (contract.py) for `backend` on `device`."""
     name = resolve_backend(backend, device)
     kernel = {"triton": _triton_rows, "cpu": _cpu_rows}.get(name, lambda: reference_fused_rows)()
     assert kernel is not None

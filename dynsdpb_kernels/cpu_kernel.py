@@ -11,7 +11,7 @@ from types import ModuleType
 
 import torch
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 EXTENSION_NAME = "dynsdpb_cpu"
 SOURCE_NAME = "dynsdpb_cpu.cpp"
@@ -61,7 +61,7 @@ def cpu_fused_rows(
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
 ) -> FusedRows:
-    """Run the C++ kernel on CPU tensors; arguments and results follow rows.py (`record`: the fused ring write)."""
+    """Run the C++ kernel on CPU tensors; arguments and results follow contract.py (`record`: the fused ring write)."""
     n_rows, _ = logits.shape
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32)
@@ -85,7 +85,7 @@ def cpu_fused_rows(
             row_terms,
             student_stats,
             record.index.contiguous() if record is not None else None,
-            record.rows if record is not None else None,
+            record.ring_logits if record is not None else None,
             record.stats if record is not None else None,
             teacher_support.contiguous() if teacher_support is not None else None,
             teacher_tail.float().contiguous() if teacher_tail is not None else None,

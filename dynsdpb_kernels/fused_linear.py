@@ -20,17 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .loss import (
-    LossOptions,
-    _check_float,
-    _check_options,
-    fused_loss,
-    labels_out_of_range,
-    mean_grad_scale,
-    raise_for_bad_labels,
-    teacher_index_from_mask,
-)
-from .rows import N_ROW_TERMS, DistillConfig, RowRecord, row_terms_dtype
+from .checks import check_linear_head, check_options, check_values
+from .contract import N_ROW_TERMS, LossOptions, RowRecord, Teachers, row_terms_dtype
+from .loss import fused_loss, mean_grad_scale
 
 # The chunk of logits a call may hold at once when chunk_size is not given: small on the CPU, where a
 # chunk of a few hundred rows already keeps the cores busy, larger on a GPU, which needs thousands of
@@ -44,19 +36,6 @@ def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype, device:
     budget = DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cpu"])
     per_row = vocab_size * torch.finfo(dtype).bits // 8
     return max(1, min(n_rows, budget // per_row))
-
-
-@dataclass(frozen=True)
-class Teachers:
-    """The teacher side of a call (rows.py): rows (R, V) or top-k values (R, k) with their support ids and
-    tail mass, the row index (N,) and the (u, d) statistics (R, 2); `topk_writer` stores a top-k ring's rows."""
-
-    rows: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    stats: torch.Tensor | None = None
-    support: torch.Tensor | None = None
-    tail: torch.Tensor | None = None
-    topk_writer: object | None = None  # TeacherRing with storage="topk", or None
 
 
 @dataclass
@@ -89,21 +68,9 @@ def fused_linear_loss(
     """Loss and gradients of hidden (N, H) through the head weight (V, H) (+ bias (V,)) and the DynSDPB
     loss, chunked over rows (module docstring). Arguments as in loss.fused_loss; `accum_dtype`
     (e.g. torch.float32) accumulates dL/dW and dL/db across chunks in that dtype (default: weight's)."""
-    _check_options(options)
-    _check_float("hidden", hidden, (torch.float32, torch.bfloat16, torch.float16, torch.float64))
-    _check_float("weight", weight, (hidden.dtype,))
-    if hidden.dim() != 2 or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(
-            f"hidden must be (N, H) and weight (V, H) with the same H, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
-        )
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
-        raise ValueError(f"bias must be ({weight.shape[0]},) of dtype {hidden.dtype}, got {bias.dtype} {tuple(bias.shape)}")
-    for name, tensor in (("weight", weight), ("labels", labels), ("bias", bias)):
-        if tensor is not None and tensor.device != hidden.device:
-            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    check_options(options)
+    check_linear_head(hidden, weight, bias, labels)
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    if labels.shape != (n_rows,):
-        raise ValueError(f"labels must have shape ({n_rows},) to match hidden {tuple(hidden.shape)}, got {tuple(labels.shape)}")
     config = options.distill
     labels = labels.long()
     if grad_scale is None:
@@ -121,55 +88,42 @@ def fused_linear_loss(
     grad_bias = torch.zeros(vocab_size, dtype=accum, device=device) if compute_grad and bias is not None else None
     loss = torch.zeros((), dtype=row_terms.dtype, device=device)
     for start in range(0, n_rows, chunk):
-        rows = slice(start, min(start + chunk, n_rows))
-        hidden_chunk = hidden[rows]
+        part = slice(start, min(start + chunk, n_rows))
+        hidden_chunk = hidden[part]
         logits = hidden_chunk @ weight.T if bias is None else torch.addmm(bias, hidden_chunk, weight.T)
-        chunk_record = RowRecord(record.index[rows], record.rows, record.stats) if record is not None else None
-        if teachers.topk_writer is not None:
-            teachers.topk_writer.write_topk(logits, chunk_record, config)
-        chunk_loss, chunk_rows = fused_loss(
+        chunk_loss, chunk_result = fused_loss(
             logits,
-            labels[rows],
-            teachers.rows,
-            teachers.index[rows] if teachers.index is not None else None,
+            labels[part],
+            teachers.logits,
+            teachers.index[part] if teachers.index is not None else None,
             teachers.stats,
             chunk_options,
             compute_grad,
-            record=chunk_record,
+            record=record.chunk(part) if record is not None else None,
             grad_scale=grad_scale,
             teacher_support=teachers.support,
             teacher_tail=teachers.tail,
         )
         loss = loss + chunk_loss
-        row_terms[rows] = chunk_rows.row_terms
-        student_stats[rows] = chunk_rows.student_stats
+        row_terms[part] = chunk_result.row_terms
+        student_stats[part] = chunk_result.student_stats
         if compute_grad:
-            grad = chunk_rows.grad  # the logits buffer, now dL/dz of this chunk
-            torch.mm(grad, weight, out=grad_hidden[rows])
+            grad = chunk_result.grad  # the logits buffer, now dL/dz of this chunk
+            torch.mm(grad, weight, out=grad_hidden[part])
             if accum == weight.dtype:
                 grad_weight.addmm_(grad.T, hidden_chunk)  # no (V, H) temporary
             else:
                 grad_weight += (grad.T @ hidden_chunk).to(accum)
             if grad_bias is not None:
                 grad_bias += grad.sum(0, dtype=accum)
-        del logits, chunk_rows
+        del logits, chunk_result
 
     if options.validate:
-        _check_values(labels, vocab_size, config.ignore_index, row_terms, student_stats)
+        check_values(
+            labels, vocab_size, config.ignore_index, teacher_rows=teachers.logits, teacher_index=teachers.index,
+            row_terms=row_terms, student_stats=student_stats,
+        )
     return LinearResult(loss, row_terms, student_stats, grad_hidden, grad_weight, grad_bias)
-
-
-def _check_values(labels, vocab_size, ignore_index, row_terms, student_stats) -> None:
-    """Label range and finiteness, read from the kernel's outputs with one host sync."""
-    bad_rows = ~torch.isfinite(row_terms).all(1) | ~torch.isfinite(student_stats).all(1)
-    if not (labels_out_of_range(labels, vocab_size, ignore_index).any() | bad_rows.any()).item():
-        return
-    raise_for_bad_labels(labels, vocab_size, ignore_index)
-    rows = bad_rows.nonzero().squeeze(1)
-    raise ValueError(
-        f"hidden and weight give logits with NaN or inf (or a teacher row does) in {rows.numel()} rows, "
-        f"e.g. rows {rows[:5].tolist()}"
-    )
 
 
 class FusedLinearDynSDPBFunction(torch.autograd.Function):
@@ -211,58 +165,3 @@ class FusedLinearDynSDPBFunction(torch.autograd.Function):
             grads.append(grad)
         grad_hidden, grad_weight, grad_bias = grads
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-def fused_linear_dynsdpb_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    teacher_mask: torch.Tensor | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    alpha: float = 1.0,
-    tau: float = 3.0,
-    dynamic: bool = True,
-    ignore_index: int = -100,
-    chunk_size: int | None = None,
-    accum_dtype: torch.dtype | None = None,
-    backend: str = "auto",
-    validate: bool = True,
-) -> torch.Tensor:
-    """dynsdpb_loss(hidden @ weight.T + bias, labels, teacher_logits, teacher_mask) with reduction="mean",
-    computed chunk by chunk so that the (N, V) logits never exist (module docstring).
-
-    Args:
-        hidden: (N, H) or (B, T, H); weight: (V, H) (the LM head, same dtype); bias: (V,) or None.
-        labels: (N,) or (B, T), not shifted here; ignore_index marks rows without a label.
-        teacher_logits: None or (N, V) / (B, T, V) teacher rows (any float dtype, detached);
-            teacher_mask: None or bool of labels' shape. (DynSDPB training keeps its teachers in a ring:
-            see FusedLinearDynSDPBLoss.)
-        chunk_size: rows per chunk (default: DEFAULT_CHUNK_BYTES of logits for the device); accum_dtype: dtype of the
-            weight / bias gradient accumulation (default weight's; torch.float32 for bf16 training).
-    Returns the 0-d float32 loss; gradients flow to hidden, weight and bias.
-    """
-    vocab_size = weight.shape[0]
-    hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    labels_1d = labels.reshape(-1)
-    teachers = Teachers()
-    if teacher_logits is not None:
-        rows = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-        if rows.shape != (hidden_2d.shape[0], vocab_size):
-            raise ValueError(
-                f"teacher_logits must hold ({hidden_2d.shape[0]}, {vocab_size}) rows (one per hidden row, the weight's "
-                f"vocabulary), got {tuple(teacher_logits.shape)}"
-            )
-        teachers = Teachers(rows.contiguous(), teacher_index_from_mask(teacher_mask, labels.shape, hidden.device))
-    elif teacher_mask is not None:
-        raise ValueError("teacher_mask was given without teacher_logits")
-    options = LossOptions(
-        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
-        backend=backend,
-        validate=validate,
-    )
-    loss, _ = FusedLinearDynSDPBFunction.apply(
-        hidden_2d, weight, bias, labels_1d, teachers, options, None, None, chunk_size, accum_dtype
-    )
-    return loss

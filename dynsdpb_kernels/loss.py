@@ -1,4 +1,5 @@
-"""The DynSDPB loss: input checks, the autograd.Function and the functional `dynsdpb_loss`.
+"""The DynSDPB loss core: its statistics, the gradient scales, `fused_loss` (one backend call on the row
+contract of contract.py) and its autograd.Function. The functional forms live in functional.py.
 
 For row r with student logits z_r (length V), label y_r and, when it has one, teacher logits t_r (the
 logits the same row got one step earlier, detached):
@@ -25,28 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import BACKENDS, row_kernel
-from .rows import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, RowRecord
-
-REDUCTIONS = ("mean", "sum", "none")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-@dataclass(frozen=True)
-class LossOptions:
-    """Everything but tensors that DynSDPBLossFunction needs.
-
-    validate=True runs the checks that need one device-to-host synchronisation per call: labels outside
-    [0, V) and non-finite logits or teacher logits (detected from the kernel's per-row outputs, so
-    without an extra pass over the logits). inplace_grad=True writes the gradient into the logits'
-    own storage (see dynsdpb_loss).
-    """
-
-    distill: DistillConfig = DistillConfig()
-    reduction: str = "mean"
-    backend: str = "auto"
-    validate: bool = True
-    inplace_grad: bool = False
+from .backends import row_kernel
+from .checks import check_contract, check_options, check_values
+from .contract import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord
 
 
 @dataclass(frozen=True)
@@ -89,7 +71,7 @@ def mean_grad_scale(labels: torch.Tensor, teacher_index: torch.Tensor | None, ig
 
 
 def loss_stats(row_terms: torch.Tensor, n_valid: torch.Tensor, n_distilled: torch.Tensor) -> LossStats:
-    """LossStats from the (N, 5) per-row terms of rows.py and the row counts."""
+    """LossStats from the (N, 5) per-row terms of contract.py and the row counts."""
     per_valid = 1.0 / n_valid.clamp_min(1)
     per_distilled = 1.0 / n_distilled.clamp_min(1)
     column_sums = row_terms.sum(0)  # non-distilled rows hold 0 in every distillation column
@@ -106,201 +88,26 @@ def loss_stats(row_terms: torch.Tensor, n_valid: torch.Tensor, n_distilled: torc
     )
 
 
-def _check_options(options: LossOptions) -> None:
-    config = options.distill
-    if not (isinstance(config.alpha, (int, float)) and config.alpha >= 0 and config.alpha < float("inf")):
-        raise ValueError(f"alpha must be a finite number >= 0, got {config.alpha!r}")
-    if not (isinstance(config.tau, (int, float)) and config.tau > 0 and config.tau < float("inf")):
-        raise ValueError(f"tau must be a finite number > 0, got {config.tau!r}")
-    if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
-    if options.reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options.reduction!r}")
-    if options.backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {options.backend!r}")
-
-
-def check_positive_int(name: str, value: object) -> None:
-    """ValueError naming `name` unless value is an int >= 1 (a bool is not one)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_tensor(name: str, value: object) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
-def _check_float(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...] | None = None) -> None:
-    if not tensor.is_floating_point() or (allowed is not None and tensor.dtype not in allowed):
-        expected = ", ".join(str(d) for d in allowed) if allowed else "a floating-point dtype"
-        raise TypeError(f"{name} must have dtype {expected}, got {tensor.dtype}")
-
-
-def _check_integer(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (int64), got {tensor.dtype}")
-
-
-def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but logits are on {device}; move them to one device")
-
-
-def teacher_index_from_mask(teacher_mask: torch.Tensor | None, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """teacher_index (N,) for teacher rows aligned with the student rows: row n teaches row n where
-    teacher_mask (of the leading shape, bool) is True or absent, -1 elsewhere."""
-    teacher_index = torch.arange(leading_shape.numel(), device=device)
-    if teacher_mask is None:
-        return teacher_index
-    teacher_mask = _check_tensor("teacher_mask", teacher_mask)
-    if teacher_mask.dtype != torch.bool or teacher_mask.shape != leading_shape:
-        raise ValueError(
-            f"teacher_mask must be a bool tensor of logits' leading shape {tuple(leading_shape)}, "
-            f"got {teacher_mask.dtype} {tuple(teacher_mask.shape)}"
-        )
-    _check_device("teacher_mask", teacher_mask, device)
-    return torch.where(teacher_mask.reshape(-1), teacher_index, -1)
-
-
 def as_rows(tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """(..., V) -> (N, V), a view when possible; copied only when the vocabulary dimension is strided."""
     rows = tensor.reshape(-1, vocab_size)
     return rows.contiguous() if rows.numel() and rows.stride(1) != 1 else rows
 
 
-def _check_contract(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_index: torch.Tensor | None,
-    teacher_stats: torch.Tensor | None,
-    teacher_support: torch.Tensor | None = None,
-    teacher_tail: torch.Tensor | None = None,
-) -> None:
-    """Shapes, dtypes and devices of the row contract (rows.py); no host sync."""
-    _check_float("logits", logits, LOGIT_DTYPES)
-    if logits.dim() != 2 or logits.shape[1] < 1:
-        raise ValueError(f"logits must have shape (N, V) with V >= 1, got {tuple(logits.shape)}")
-    if logits.numel() and logits.stride(1) != 1:
-        raise ValueError("logits must have unit stride along the vocabulary dimension")
-    n_rows, vocab_size = logits.shape
-    _check_integer("labels", labels)
-    if labels.shape != (n_rows,):
-        raise ValueError(f"labels must have shape ({n_rows},) to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
-    _check_device("labels", labels, logits.device)
-    if (teacher_rows is None) != (teacher_index is None):
-        raise ValueError("teacher_rows and teacher_index must be given together")
-    if teacher_stats is not None and teacher_rows is None:
-        raise ValueError("teacher_stats needs teacher_rows")
-    if teacher_rows is None or teacher_index is None:
-        return
-    _check_float("teacher_rows", teacher_rows)
-    if teacher_support is not None:
-        _check_integer("teacher_support", teacher_support)
-        if teacher_support.dim() != 2 or teacher_support.shape != teacher_rows.shape or teacher_support.shape[1] > vocab_size:
-            raise ValueError(
-                f"teacher_support must be (R, k) like the top-k teacher_rows {tuple(teacher_rows.shape)} with k <= {vocab_size}, "
-                f"got {tuple(teacher_support.shape)}"
-            )
-        _check_device("teacher_support", teacher_support, logits.device)
-        if teacher_stats is None:
-            raise ValueError("top-k teachers (teacher_support) need teacher_stats: their (u, d) on the full row")
-        if teacher_tail is not None:
-            if teacher_tail.dtype != torch.float32 or teacher_tail.shape != (teacher_rows.shape[0],):
-                raise ValueError(
-                    f"teacher_tail must be float32 of shape ({teacher_rows.shape[0]},), got {teacher_tail.dtype} "
-                    f"{tuple(teacher_tail.shape)}"
-                )
-            _check_device("teacher_tail", teacher_tail, logits.device)
-    elif teacher_tail is not None:
-        raise ValueError("teacher_tail applies to top-k teachers: give teacher_support too")
-    elif teacher_rows.dim() != 2 or teacher_rows.shape[1] != vocab_size:
-        raise ValueError(
-            f"teacher_rows must have shape (R, {vocab_size}) (the logits' vocabulary), got {tuple(teacher_rows.shape)}"
-        )
-    if teacher_rows.numel() and teacher_rows.stride(1) != 1:
-        raise ValueError("teacher_rows must have unit stride along the vocabulary dimension")
-    _check_device("teacher_rows", teacher_rows, logits.device)
-    _check_integer("teacher_index", teacher_index)
-    if teacher_index.shape != (n_rows,):
-        raise ValueError(f"teacher_index must have shape ({n_rows},), got {tuple(teacher_index.shape)}")
-    _check_device("teacher_index", teacher_index, logits.device)
-    if teacher_stats is not None:
-        if teacher_stats.dtype != torch.float32 or teacher_stats.shape != (teacher_rows.shape[0], 2):
-            raise ValueError(
-                f"teacher_stats must be float32 of shape ({teacher_rows.shape[0]}, 2), "
-                f"got {teacher_stats.dtype} {tuple(teacher_stats.shape)}"
-            )
-        if not teacher_stats.is_contiguous():
-            raise ValueError("teacher_stats must be contiguous")
-        _check_device("teacher_stats", teacher_stats, logits.device)
-
-
-def labels_out_of_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> torch.Tensor:
-    """Bool mask of the labels that are neither in [0, V) nor ignore_index (no sync)."""
-    return (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-
-
-def raise_for_bad_labels(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """ValueError naming `labels` when one lies outside [0, V) and is not ignore_index (reads the device)."""
-    out_of_range = labels_out_of_range(labels, vocab_size, ignore_index)
-    if out_of_range.any():
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; "
-            f"found {int(out_of_range.sum())} outside, e.g. {labels[out_of_range][:5].tolist()}"
-        )
-
-
-def _raise_for_bad_values(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_index: torch.Tensor | None,
-    ignore_index: int,
-) -> None:
-    """Name the argument behind a failed value check (runs only once a check has failed)."""
-    raise_for_bad_labels(labels, logits.shape[1], ignore_index)
-    bad_rows = (~torch.isfinite(logits)).any(1).nonzero().squeeze(1)
-    if bad_rows.numel():
-        raise ValueError(f"logits contain NaN or inf in {bad_rows.numel()} rows, e.g. rows {bad_rows[:5].tolist()}")
-    if teacher_rows is not None and teacher_index is not None:
-        used = teacher_index[(teacher_index >= 0) & (labels != ignore_index)]
-        bad_teachers = (~torch.isfinite(teacher_rows[used])).any(1)
-        if bad_teachers.any():
-            raise ValueError(
-                f"teacher logits contain NaN or inf in {int(bad_teachers.sum())} rows used as teachers, "
-                f"e.g. teacher rows {used[bad_teachers][:5].tolist()}"
-            )
-    if teacher_index is not None and teacher_rows is not None:
-        if (teacher_index >= teacher_rows.shape[0]).any() or (teacher_index < -1).any():
-            raise ValueError(f"teacher_index must lie in [-1, {teacher_rows.shape[0]}), -1 meaning no teacher")
-
-
-def _validate_values(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_index: torch.Tensor | None,
-    ignore_index: int,
-    rows: FusedRows | None,
-) -> None:
-    """Label range and finiteness with one host sync: from the kernel's outputs when `rows` is given
-    (a non-finite logit makes its row's outputs non-finite), otherwise from the inputs themselves."""
-    bad = labels_out_of_range(labels, logits.shape[1], ignore_index).any()
-    if teacher_index is not None and teacher_rows is not None:
-        bad |= ((teacher_index < -1) | (teacher_index >= teacher_rows.shape[0])).any()
-    if rows is not None:
-        bad |= ~torch.isfinite(rows.row_terms).all() | ~torch.isfinite(rows.student_stats).all()
-    else:
-        bad |= ~torch.isfinite(logits).all()
-        if teacher_rows is not None and teacher_index is not None:  # only the rows used as teachers
-            used = teacher_index[(teacher_index >= 0) & (labels != ignore_index)].clamp_max(teacher_rows.shape[0] - 1)
-            bad |= ~torch.isfinite(teacher_rows.index_select(0, used)).all()
-    if bad.item():
-        _raise_for_bad_values(logits, labels, teacher_rows, teacher_index, ignore_index)
-        raise FloatingPointError("the DynSDPB loss produced non-finite values from finite inputs")
+def write_topk_record(logits: torch.Tensor, record: RowRecord, config: DistillConfig) -> None:
+    """Fill record.topk for the recorded rows of `logits` (N, V): their k largest logits, their ids and
+    their mass outside them at the temperature tau_r that `config` gives the row (the kernel writes the
+    (u, d)). Reads the recorded rows once more, 128 at a time; call it before the logits are overwritten."""
+    topk = record.topk
+    assert topk is not None
+    recorded = (record.index >= 0).nonzero().squeeze(1)
+    for part in recorded.split(128):
+        rows = logits.index_select(0, part).float()
+        values, ids = rows.topk(topk.values.shape[1], dim=-1)
+        slots = record.index.index_select(0, part)
+        topk.values[slots] = values.to(topk.values.dtype)
+        topk.support[slots] = ids
+        topk.tail[slots] = _tail_mass(rows, values, config)
 
 
 def fused_loss(
@@ -316,18 +123,19 @@ def fused_loss(
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FusedRows]:
-    """Reduced loss and per-row results on the row contract (rows.py), without autograd.
+    """Reduced loss and per-row results on the row contract (contract.py), without autograd.
 
     Returns (loss, rows): loss is a 0-d float32 tensor (float64 for float64 logits), or (N,) for
     reduction="none"; rows.grad is the gradient of that loss (of its sum for "none") when
-    compute_grad is set. `record` copies rows into a teacher ring in the same pass (rows.py).
+    compute_grad is set. `record` copies the rows into a teacher ring in the same pass (contract.py; a
+    top-k record is filled here, before the kernel).
     `grad_scale` (2,) overrides the (ce, distill) weights that reduction="mean" derives from the
     row counts: loss = ce_scale * sum_valid ce_r + distill_scale * sum_distilled distill_r.
     `teacher_support` (R, k) makes teacher_rows top-k teachers, `teacher_tail` (R,) their mass outside
-    the top k (rows.py).
+    the top k (contract.py).
     """
-    _check_options(options)
-    _check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats, teacher_support, teacher_tail)
+    check_options(options)
+    check_contract(logits, labels, teacher_rows, teacher_index, teacher_stats, teacher_support, teacher_tail)
     if teacher_support is not None:
         teacher_support = teacher_support.long()
     config = options.distill
@@ -347,8 +155,13 @@ def fused_loss(
         if not logits.is_contiguous():
             raise ValueError("inplace_grad=True needs contiguous logits")
         if options.validate:  # the logits are about to be overwritten: check them first
-            _validate_values(logits, labels, teacher_rows, teacher_index, config.ignore_index, rows=None)
+            check_values(
+                labels, logits.shape[1], config.ignore_index,
+                logits=logits, teacher_rows=teacher_rows, teacher_index=teacher_index,
+            )
 
+    if record is not None and record.topk is not None:  # a top-k ring: before the logits can be overwritten
+        write_topk_record(logits.detach(), record, config)
     kernel = row_kernel(options.backend, logits.device)
     rows = kernel(
         logits,
@@ -369,7 +182,10 @@ def fused_loss(
         # where another op saved them for its backward, instead of silently computing garbage.
         torch.autograd.graph.increment_version(logits)
     elif options.validate:
-        _validate_values(logits, labels, teacher_rows, teacher_index, config.ignore_index, rows=rows)
+        check_values(
+            labels, logits.shape[1], config.ignore_index, logits=logits, teacher_rows=teacher_rows,
+            teacher_index=teacher_index, row_terms=rows.row_terms, student_stats=rows.student_stats,
+        )
 
     distill = rows.alpha * rows.tau.square() * rows.kl
     if options.reduction == "none":
@@ -380,7 +196,7 @@ def fused_loss(
 
 
 class DynSDPBLossFunction(torch.autograd.Function):
-    """autograd.Function over the row contract (rows.py).
+    """autograd.Function over the row contract (contract.py).
 
     apply(logits (N, V), labels (N,), teacher_rows (R, V) | None, teacher_index (N,) | None,
           teacher_stats (R, 2) | None, options: LossOptions, record: RowRecord | None = None,
@@ -445,106 +261,17 @@ class DynSDPBLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None, None
 
 
-def dynsdpb_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    teacher_mask: torch.Tensor | None = None,
-    *,
-    alpha: float = 1.0,
-    tau: float = 3.0,
-    dynamic: bool = True,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    backend: str = "auto",
-    validate: bool = True,
-    inplace_grad: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, LossStats]:
-    """Cross-entropy plus dynamic self-distillation from the previous mini-batch (DynSDPB).
-
-    loss = sum_valid ce_r / n_valid + sum_distilled alpha_r tau_r^2 KL(softmax(t_r/tau_r) || softmax(z_r/tau_r)) / n_distilled
-    with alpha_r = alpha (1 - u_r), tau_r = 1 + (tau - 1) d_r from the teacher's normalised entropy u_r and
-    top-1/top-2 probability margin d_r when dynamic=True, alpha_r = alpha and tau_r = tau otherwise; see
-    loss.py's module docstring for the full contract, including reduction="sum" and "none".
-
-    Args:
-        logits: (N, V) or (B, T, V) student logits, float32, bfloat16, float16 (or float64).
-        labels: integer tensor of logits' leading shape; ignore_index marks rows without a label. No
-            shifting happens here.
-        teacher_logits: None for plain cross-entropy, or the logits the same rows got at the previous
-            step, shape of logits, any float dtype. Detached: no gradient flows into the teacher.
-        teacher_mask: None (every row has a teacher) or bool of logits' leading shape, True where the
-            row has a teacher.
-        alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r, tau_r.
-        reduction: "mean", "sum" or "none" (per-row losses of logits' leading shape).
-        return_stats: also return a LossStats of 0-d tensors (no host sync).
-        backend: "auto", "triton" or "reference" (see backends.py).
-        validate: check label range and finiteness of logits and teacher logits; this costs one
-            device-to-host sync per call. With validate=False no check syncs: an out-of-range label
-            gives a NaN loss for its row and non-finite logits propagate.
-        inplace_grad: opt-in; write the gradient into the logits' own storage instead of a fresh
-            buffer, saving one (N, V) allocation. The logits' values are destroyed by the forward pass
-            (their autograd version is bumped, so an op that saved them for backward raises instead
-            of computing a wrong gradient). Needs contiguous logits.
-
-    Returns:
-        loss (float32, float64 for float64 logits; 0-d, or logits' leading shape for "none"), and
-        LossStats when return_stats.
-
-    Raises:
-        TypeError / ValueError naming the argument for wrong types, dtypes, shapes, devices, options,
-        out-of-range labels and non-finite logits or teacher logits.
-    """
-    logits = _check_tensor("logits", logits)
-    labels = _check_tensor("labels", labels)
-    _check_float("logits", logits, LOGIT_DTYPES)
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must have shape (N, V) or (B, T, V), got {tuple(logits.shape)}")
-    leading_shape = logits.shape[:-1]
-    vocab_size = logits.shape[-1]
-    _check_integer("labels", labels)
-    if labels.shape != leading_shape:
-        raise ValueError(
-            f"labels must have logits' leading shape {tuple(leading_shape)}, got {tuple(labels.shape)}"
-        )
-    _check_device("labels", labels, logits.device)
-
-    logits_2d = as_rows(logits, vocab_size)
-    teacher_rows = teacher_index = None
-    if teacher_logits is not None:
-        teacher_logits = _check_tensor("teacher_logits", teacher_logits)
-        _check_float("teacher_logits", teacher_logits)
-        if teacher_logits.shape != logits.shape:
-            if teacher_logits.shape[:-1] == logits.shape[:-1]:
-                raise ValueError(
-                    f"teacher_logits have vocabulary size {teacher_logits.shape[-1]} but logits have {vocab_size}"
-                )
-            raise ValueError(
-                f"teacher_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(teacher_logits.shape)}"
-            )
-        _check_device("teacher_logits", teacher_logits, logits.device)
-        teacher_rows = as_rows(teacher_logits.detach(), vocab_size)
-        teacher_index = teacher_index_from_mask(teacher_mask, leading_shape, logits.device)
-    elif teacher_mask is not None:
-        raise ValueError("teacher_mask was given without teacher_logits")
-
-    options = LossOptions(
-        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
-        reduction=reduction,
-        backend=backend,
-        validate=validate,
-        inplace_grad=inplace_grad,
-    )
-    labels_1d = labels.reshape(-1).long()
-    if torch.is_grad_enabled() and logits.requires_grad:
-        loss, row_terms, _ = DynSDPBLossFunction.apply(logits_2d, labels_1d, teacher_rows, teacher_index, None, options)
+def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """1 - sum_topk softmax(rows / tau_r): the probability mass a top-k teacher row leaves out, at the
+    temperature the loss will use for it (tau_r from the row's top-1/top-2 margin when config.dynamic)."""
+    log_norm = rows.logsumexp(-1)
+    if config.dynamic:
+        top2 = top_values[:, :2] if top_values.shape[1] >= 2 else rows.topk(min(2, rows.shape[1]), dim=-1).values
+        probs = (top2 - log_norm[:, None]).exp()
+        margin = probs[:, 0] - probs[:, 1] if probs.shape[1] == 2 else probs[:, 0]
+        tau_r = 1.0 + (config.tau - 1.0) * margin.clamp(0, 1)
     else:
-        loss, rows = fused_loss(logits_2d, labels_1d, teacher_rows, teacher_index, None, options, compute_grad=False)
-        row_terms = rows.row_terms
-    if reduction == "none":
-        loss = loss.reshape(leading_shape)
-    if not return_stats:
-        return loss
-    n_valid, n_distilled = row_counts(labels_1d, teacher_index, ignore_index)
-    return loss, loss_stats(row_terms, n_valid, n_distilled)
+        tau_r = torch.full_like(log_norm, config.tau)
+    log_norm_tau = (rows / tau_r[:, None]).logsumexp(-1)
+    kept = (top_values / tau_r[:, None] - log_norm_tau[:, None]).exp().sum(-1)
+    return (1.0 - kept).clamp(0.0, 1.0 - 1e-6)

@@ -1,36 +1,25 @@
-"""DynSDPBLoss: the loss as an nn.Module that keeps its own teachers in a TeacherRing.
+"""The loss as nn.Modules that keep their own teachers in a TeacherRing: DynSDPBLoss (from logits) and
+FusedLinearDynSDPBLoss (from hidden states and the LM head, the logits never formed).
 
-Each training call reads the teachers of the samples seen one step earlier from the ring and records the
-current rows of the new samples into it, inside the fused kernel (rows.RowRecord), so a training loop
-only passes logits, labels and the samples' dataset indices.
+Both are RingLoss modules: each training call reads the teachers of the samples seen one step earlier
+from the ring and records the current rows of the new samples into it, inside the fused kernel
+(contract.RowRecord), so a training loop only passes logits (or hidden states), labels and the samples'
+dataset indices. RingLoss owns that ring step (label shifting, lookup, loss weights, commit, stats);
+the two modules differ only in how they compute the rows' loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from .loss import (
-    LOGIT_DTYPES,
-    DynSDPBLossFunction,
-    LossOptions,
-    LossStats,
-    _check_device,
-    _check_float,
-    _check_integer,
-    _check_options,
-    _check_tensor,
-    as_rows,
-    check_positive_int,
-    fused_loss,
-    loss_stats,
-    row_counts,
-)
-from .fused_linear import FusedLinearDynSDPBFunction, Teachers, fused_linear_loss
-from .ring import RECORD_POLICIES, TeacherRing
-from .rows import DistillConfig, RowRecord
+from .checks import check_device, check_integer, check_logits, check_options, check_positive_int, check_tensor
+from .contract import DistillConfig, LossOptions, RowRecord, Teachers
+from .fused_linear import FusedLinearDynSDPBFunction, fused_linear_loss
+from .loss import DynSDPBLossFunction, LossStats, as_rows, fused_loss, loss_stats, row_counts
+from .ring import RECORD_POLICIES, RingLookup, TeacherRing
 
 
 @dataclass(frozen=True)
@@ -53,35 +42,30 @@ class DistillStats:
     ring_bytes: int
 
 
-class DynSDPBLoss(nn.Module):
-    """Cross-entropy plus self-distillation from the previous mini-batch, with its own teacher ring.
+@dataclass(frozen=True)
+class RingStep:
+    """One call's side of the ring, made by RingLoss._begin_step and closed by RingLoss._end_step.
 
-    In training mode, for a batch of samples with dataset indices `sample_ids`:
+    labels:     (N,) int64 labels of the N student rows (shifted for causal LMs).
+    teachers:   the teachers the ring holds for those rows (empty outside training).
+    record:     where the kernel records the rows that become teachers, or None.
+    grad_scale: (2,) (ce, distill) weights for num_items_in_batch, or None for the plain means.
+    lookup:     the ring lookup to commit once the loss succeeded, or None outside training.
+    """
 
-        loss = sum_valid ce_r / n_valid + sum_distilled alpha_r tau_r^2 KL(softmax(t_r/tau_r) || softmax(z_r/tau_r)) / n_distilled
+    labels: torch.Tensor
+    teachers: Teachers
+    record: RowRecord | None
+    grad_scale: torch.Tensor | None
+    lookup: RingLookup | None
 
-    where the teacher t_r of row r is the row the same sample's same valid position got the last time
-    the sample was recorded (detached, stored in `teacher_dtype`), and alpha_r, tau_r follow
-    DistillConfig. Rows are matched by the order of each sample's valid (label != ignore_index)
-    positions, so a sample padded differently in two steps still lines up. In eval mode (or without
-    sample_ids in eval) the loss is plain cross-entropy and the ring is neither read nor written.
 
-    Args:
-        vocab_size: V; logits with another last dimension are an error.
-        alpha, tau, dynamic, ignore_index: as in dynsdpb_loss.
-        capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
-        teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
-        teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their
-            ids; the KL is then taken over the teacher's top-k support, see TeacherRing).
-        topk: k for teacher_storage="topk".
-        record: "new" (default: a sample with a teacher is consumed, one without is recorded),
-            "all" or "none"; see TeacherRing.lookup.
-        shift_labels: for (B, T, V) logits, position t predicts labels[:, t + 1] (Hugging Face
-            causal-LM convention); set False when labels are already shifted.
-        backend, validate, inplace_grad: as in dynsdpb_loss.
-
-    Shapes: logits (B, T, V) with labels (B, T) (causal LM) or logits (B, V) with labels (B,)
-    (classification); sample_ids (B,) int64, distinct, >= 0. `last_stats` holds a DistillStats.
+class RingLoss(nn.Module):
+    """The part DynSDPBLoss and FusedLinearDynSDPBLoss share: options, the teacher ring (created on the
+    first call unless capacity_rows is given, saved with the module's state_dict), and the ring step
+    around each loss computation: _begin_step (labels checked and shifted, ring lookup, loss weights),
+    then the subclass's loss, then _end_step (commit, DistillStats in `last_stats`).
+    Arguments: see DynSDPBLoss (all but inplace_grad, which only DynSDPBLoss has).
     """
 
     def __init__(
@@ -96,30 +80,28 @@ class DynSDPBLoss(nn.Module):
         teacher_dtype: torch.dtype = torch.bfloat16,
         teacher_storage: str = "dense",
         topk: int = 64,
-        record: str = "new",
+        record_policy: str = "new",
         shift_labels: bool = True,
         backend: str = "auto",
         validate: bool = True,
-        inplace_grad: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
-        if record not in RECORD_POLICIES:
-            raise ValueError(f"record must be one of {RECORD_POLICIES}, got {record!r}")
+        if record_policy not in RECORD_POLICIES:
+            raise ValueError(f"record_policy must be one of {RECORD_POLICIES}, got {record_policy!r}")
         self.vocab_size = vocab_size
         self.options = LossOptions(
             distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
             reduction="mean",
             backend=backend,
             validate=validate,
-            inplace_grad=inplace_grad,
         )
-        _check_options(self.options)
+        check_options(self.options)
         self.capacity_rows = capacity_rows
         self.teacher_dtype = teacher_dtype
         self.teacher_storage = teacher_storage
         self.topk = topk
-        self.record = record
+        self.record_policy = record_policy
         self.shift_labels = shift_labels
         self.ring: TeacherRing | None = None
         if capacity_rows is not None:
@@ -130,7 +112,7 @@ class DynSDPBLoss(nn.Module):
         config = self.options.distill
         return (
             f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic}, "
-            f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record={self.record!r}"
+            f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record_policy={self.record_policy!r}"
         )
 
     # The ring travels with the module's state_dict (and so with checkpoints of a model that owns it).
@@ -154,45 +136,21 @@ class DynSDPBLoss(nn.Module):
             self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, k=self.topk
         )
 
-    def forward(
+    def _begin_step(
         self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        sample_ids: torch.Tensor | None = None,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor:
-        """The loss of one batch (0-d float32), recording this step's teachers in training mode.
-
-        num_items_in_batch (Hugging Face gradient accumulation): the number of valid rows in the
-        whole accumulated batch. The cross-entropy is then summed and divided by it, and the
-        distillation mean of this micro-batch is weighted by n_valid / num_items_in_batch, so the
-        micro-batch losses add up to the full batch's loss.
-        """
-        logits = _check_tensor("logits", logits)
-        _check_float("logits", logits, LOGIT_DTYPES)
-        if logits.dim() not in (2, 3):
-            raise ValueError(f"logits must have shape (B, T, V) or (B, V), got {tuple(logits.shape)}")
-        if logits.shape[-1] != self.vocab_size:
-            raise ValueError(
-                f"logits have vocabulary size {logits.shape[-1]} but this DynSDPBLoss (and its teacher ring) "
-                f"was built for vocab_size={self.vocab_size}"
-            )
-        logits_2d = as_rows(logits, self.vocab_size)
-
-        def compute(labels_1d, ring, teacher_index, record, grad_scale):
-            return self._apply(logits_2d, labels_1d, ring, teacher_index, record, grad_scale)
-
-        return self._distill(compute, labels, logits.shape[:-1], logits.device, sample_ids, num_items_in_batch)
-
-    def _distill(self, compute, labels, leading_shape, device, sample_ids, num_items_in_batch) -> torch.Tensor:
-        """Everything around the rows computation: labels (checked, shifted), the ring lookup, the loss
-        weights, the commit and the stats. compute(labels (N,), ring | None, teacher_index | None,
-        record | None, grad_scale | None) -> (loss, row_terms)."""
-        labels = _check_tensor("labels", labels)
-        _check_integer("labels", labels)
+        labels: object,
+        leading_shape: torch.Size,
+        device: torch.device,
+        sample_ids: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> RingStep:
+        """Labels checked against the student rows' leading shape (and shifted), the ring looked up by
+        sample_ids in training mode (nothing changes in the ring until _end_step), and the loss weights."""
+        labels = check_tensor("labels", labels)
+        check_integer("labels", labels)
         if labels.shape != leading_shape:
             raise ValueError(f"labels must have shape {tuple(leading_shape)} to match logits, got {tuple(labels.shape)}")
-        _check_device("labels", labels, device)
+        check_device("labels", labels, device)
         ignore_index = self.options.distill.ignore_index
         labels = labels.long()
         if labels.dim() == 2 and self.shift_labels:
@@ -200,21 +158,24 @@ class DynSDPBLoss(nn.Module):
             labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
         per_sample = labels if labels.dim() == 2 else labels[:, None]
         labels_1d = per_sample.reshape(-1)
-
         if not self.training or sample_ids is None:
             if self.training:
                 raise ValueError("sample_ids are required in training mode: the teachers are looked up by them")
-            loss, _ = compute(labels_1d, None, None, None, self._grad_scale(labels_1d, None, num_items_in_batch))
-            return loss
+            return RingStep(labels_1d, Teachers(), None, self._grad_scale(labels_1d, None, num_items_in_batch), None)
 
         ring = self._ring_for(per_sample.numel())
-        valid = per_sample != ignore_index
-        lookup = ring.lookup(sample_ids, valid, record=self.record)
+        lookup = ring.lookup(sample_ids, per_sample != ignore_index, record=self.record_policy)
+        teachers = Teachers(ring.rows, lookup.teacher_index, ring.stats, ring.support, ring.tail)
         grad_scale = self._grad_scale(labels_1d, lookup.teacher_index, num_items_in_batch)
-        loss, row_terms = compute(labels_1d, ring, lookup.teacher_index, lookup.record, grad_scale)
-        ring.commit(lookup)  # only after the kernel and its checks succeeded
+        return RingStep(labels_1d, teachers, lookup.record, grad_scale, lookup)
 
-        n_valid, n_distilled = row_counts(labels_1d, lookup.teacher_index, ignore_index)
+    def _end_step(self, step: RingStep, row_terms: torch.Tensor) -> None:
+        """Commit the step's lookup (only after the loss and its checks succeeded) and set last_stats."""
+        lookup = step.lookup
+        if lookup is None or self.ring is None:
+            return
+        self.ring.commit(lookup)
+        n_valid, n_distilled = row_counts(step.labels, lookup.teacher_index, self.options.distill.ignore_index)
         teacher_samples = lookup.has_teacher.sum()
         self.last_stats = DistillStats(
             loss=loss_stats(row_terms, n_valid, n_distilled),
@@ -222,9 +183,8 @@ class DynSDPBLoss(nn.Module):
             teacher_misses=lookup.has_teacher.numel() - teacher_samples,
             length_mismatches=lookup.mismatched.sum(),
             recorded_rows=lookup.recorded_rows,
-            ring_bytes=ring.nbytes,
+            ring_bytes=self.ring.nbytes,
         )
-        return loss
 
     def _grad_scale(self, labels, teacher_index, num_items_in_batch) -> torch.Tensor | None:
         """(ce, distill) weights for num_items_in_batch (see forward); None: the plain means."""
@@ -239,30 +199,77 @@ class DynSDPBLoss(nn.Module):
             self.ring = self._new_ring(max(n_rows, 1))
         return self.ring
 
-    def _apply(
+
+class DynSDPBLoss(RingLoss):
+    """Cross-entropy plus self-distillation from the previous mini-batch, with its own teacher ring.
+
+    In training mode, for a batch of samples with dataset indices `sample_ids`:
+
+        loss = sum_valid ce_r / n_valid + sum_distilled alpha_r tau_r^2 KL(softmax(t_r/tau_r) || softmax(z_r/tau_r)) / n_distilled
+
+    where the teacher t_r of row r is the row the same sample's same valid position got the last time
+    the sample was recorded (detached, stored in `teacher_dtype`), and alpha_r, tau_r follow
+    DistillConfig. Rows are matched by the order of each sample's valid (label != ignore_index)
+    positions, so a sample padded differently in two steps still lines up. In eval mode (or without
+    sample_ids in eval) the loss is plain cross-entropy and the ring is neither read nor written.
+
+    Args:
+        vocab_size: V; logits with another last dimension are an error.
+        alpha, tau, dynamic, ignore_index: as in dynsdpb_loss.
+        capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
+        teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
+        teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their
+            ids; the KL is then taken over the teacher's top-k support, see TeacherRing).
+        topk: k for teacher_storage="topk".
+        record_policy: "new" (default: a sample with a teacher is consumed, one without is recorded),
+            "all" or "none"; see TeacherRing.lookup.
+        shift_labels: for (B, T, V) logits, position t predicts labels[:, t + 1] (Hugging Face
+            causal-LM convention); set False when labels are already shifted.
+        backend, validate, inplace_grad: as in dynsdpb_loss.
+
+    Shapes: logits (B, T, V) with labels (B, T) (causal LM) or logits (B, V) with labels (B,)
+    (classification); sample_ids (B,) int64, distinct, >= 0. `last_stats` holds a DistillStats.
+    """
+
+    def __init__(self, vocab_size: int, *, inplace_grad: bool = False, **options) -> None:
+        super().__init__(vocab_size, **options)
+        self.options = replace(self.options, inplace_grad=inplace_grad)
+
+    def forward(
         self,
         logits: torch.Tensor,
         labels: torch.Tensor,
-        ring: TeacherRing | None,
-        teacher_index: torch.Tensor | None,
-        record: RowRecord | None,
-        grad_scale: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        teacher_rows = ring.rows if ring is not None else None
-        teacher_stats = ring.stats if ring is not None else None
-        teacher_support = ring.support if ring is not None else None
-        teacher_tail = ring.tail if ring is not None else None
-        if ring is not None:  # top-k storage only; before the logits can be overwritten
-            ring.write_topk(logits.detach(), record, self.options.distill)
-        arguments = (logits, labels, teacher_rows, teacher_index, teacher_stats, self.options)
-        if torch.is_grad_enabled() and logits.requires_grad:
-            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, record, grad_scale, teacher_support, teacher_tail)
-            return loss, row_terms
-        loss, rows = fused_loss(*arguments, False, record, grad_scale, teacher_support, teacher_tail)
-        return loss, rows.row_terms
+        sample_ids: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The loss of one batch (0-d float32), recording this step's teachers in training mode.
+
+        num_items_in_batch (Hugging Face gradient accumulation): the number of valid rows in the
+        whole accumulated batch. The cross-entropy is then summed and divided by it, and the
+        distillation mean of this micro-batch is weighted by n_valid / num_items_in_batch, so the
+        micro-batch losses add up to the full batch's loss.
+        """
+        logits = check_logits("logits", logits, "(B, T, V) or (B, V)")
+        if logits.shape[-1] != self.vocab_size:
+            raise ValueError(
+                f"logits have vocabulary size {logits.shape[-1]} but this DynSDPBLoss (and its teacher ring) "
+                f"was built for vocab_size={self.vocab_size}"
+            )
+        step = self._begin_step(labels, logits.shape[:-1], logits.device, sample_ids, num_items_in_batch)
+        logits_2d = as_rows(logits, self.vocab_size)
+        teachers = step.teachers
+        arguments = (logits_2d, step.labels, teachers.logits, teachers.index, teachers.stats, self.options)
+        topk_arguments = (teachers.support, teachers.tail)
+        if torch.is_grad_enabled() and logits_2d.requires_grad:
+            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, step.record, step.grad_scale, *topk_arguments)
+        else:
+            loss, per_row = fused_loss(*arguments, False, step.record, step.grad_scale, *topk_arguments)
+            row_terms = per_row.row_terms
+        self._end_step(step, row_terms)
+        return loss
 
 
-class FusedLinearDynSDPBLoss(DynSDPBLoss):
+class FusedLinearDynSDPBLoss(RingLoss):
     """DynSDPBLoss computed from hidden states and the LM head, without materialising the logits.
 
     forward(hidden (B, T, H) or (B, H), weight (V, H), labels, sample_ids=None, bias=None,
@@ -271,19 +278,21 @@ class FusedLinearDynSDPBLoss(DynSDPBLoss):
     only one chunk of logits exists at once. It owns a TeacherRing like DynSDPBLoss (use
     teacher_storage="topk" to keep the ring small too).
 
-    Args: those of DynSDPBLoss (inplace_grad does not apply: each chunk's logits buffer always receives
-    its gradient), plus chunk_size (rows per chunk; default from fused_linear.DEFAULT_CHUNK_BYTES) and
+    Args: those of DynSDPBLoss except inplace_grad (each chunk's logits buffer always receives its
+    gradient), plus chunk_size (rows per chunk; default from fused_linear.DEFAULT_CHUNK_BYTES) and
     accum_dtype (dtype of the weight and bias gradients' accumulation across chunks, e.g. torch.float32).
     """
 
-    def __init__(self, vocab_size: int, *, chunk_size: int | None = None, accum_dtype: torch.dtype | None = None, **kwargs) -> None:
-        super().__init__(vocab_size, **kwargs)
+    def __init__(
+        self, vocab_size: int, *, chunk_size: int | None = None, accum_dtype: torch.dtype | None = None, **options
+    ) -> None:
+        super().__init__(vocab_size, **options)
         if chunk_size is not None:
             check_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self.accum_dtype = accum_dtype
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -293,11 +302,8 @@ class FusedLinearDynSDPBLoss(DynSDPBLoss):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """The loss of one batch (0-d float32); see DynSDPBLoss.forward with logits = hidden @ weight.T + bias."""
-        hidden = _check_tensor("hidden", hidden)
-        weight = _check_tensor("weight", weight)
-        _check_float("hidden", hidden, LOGIT_DTYPES)
-        if hidden.dim() not in (2, 3):
-            raise ValueError(f"hidden must have shape (B, T, H) or (B, H), got {tuple(hidden.shape)}")
+        hidden = check_logits("hidden", hidden, "(B, T, H) or (B, H)")
+        weight = check_tensor("weight", weight)
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
         if weight.shape[0] != self.vocab_size:
@@ -305,19 +311,18 @@ class FusedLinearDynSDPBLoss(DynSDPBLoss):
                 f"weight has {weight.shape[0]} output rows (vocabulary) but this loss (and its teacher ring) "
                 f"was built for vocab_size={self.vocab_size}"
             )
+        step = self._begin_step(labels, hidden.shape[:-1], hidden.device, sample_ids, num_items_in_batch)
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-
-        def compute(labels_1d, ring, teacher_index, record, grad_scale):
-            teachers = Teachers()
-            if ring is not None:
-                topk_writer = ring if ring.support is not None else None
-                teachers = Teachers(ring.rows, teacher_index, ring.stats, ring.support, ring.tail, topk_writer)
-            arguments = (hidden_2d, weight, bias, labels_1d, teachers, self.options)
-            if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-                return FusedLinearDynSDPBFunction.apply(*arguments, record, grad_scale, self.chunk_size, self.accum_dtype)
-            result = fused_linear_loss(
-                *arguments, compute_grad=False, record=record, grad_scale=grad_scale, chunk_size=self.chunk_size
+        arguments = (hidden_2d, weight, bias, step.labels, step.teachers, self.options)
+        needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        if torch.is_grad_enabled() and needs_grad:
+            loss, row_terms = FusedLinearDynSDPBFunction.apply(
+                *arguments, step.record, step.grad_scale, self.chunk_size, self.accum_dtype
             )
-            return result.loss, result.row_terms
-
-        return self._distill(compute, labels, hidden.shape[:-1], hidden.device, sample_ids, num_items_in_batch)
+        else:
+            result = fused_linear_loss(
+                *arguments, compute_grad=False, record=step.record, grad_scale=step.grad_scale, chunk_size=self.chunk_size
+            )
+            loss, row_terms = result.loss, result.row_terms
+        self._end_step(step, row_terms)
+        return loss

@@ -1,4 +1,4 @@
-"""Readable pure-PyTorch implementation of the per-row contract (see rows.py).
+"""Readable pure-PyTorch implementation of the per-row contract (see contract.py).
 
 It is the oracle the kernels are tested against, and the fallback where no kernel runs. It computes in
 float64 for float64 logits and in float32 otherwise, materialising a few (N, V) temporaries; the
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .rows import (
+from .contract import (
     N_ROW_TERMS,
     ROW_ALPHA,
     ROW_CE,
@@ -57,11 +57,11 @@ def reference_fused_rows(
 ) -> FusedRows:
     """Per-row terms, student statistics and gradient of the DynSDPB loss, in plain PyTorch.
 
-    Arguments follow rows.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
+    Arguments follow contract.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
     `record`, when given, receives copies of the recorded rows and their (u, d). `teacher_support`
     (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)), and
-    `teacher_tail` (R,) their probability mass outside the top k at tau_r (rows.py).
+    `teacher_tail` (R,) their probability mass outside the top k at tau_r (contract.py).
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     student = logits.to(compute_dtype)
@@ -110,7 +110,7 @@ def reference_fused_rows(
         p = log_p.exp()
         if teacher_support is not None:
             # top-k teacher on its k support ids: P_j = (1 - tail) P_hat_j there, and the tail mass as one
-            # bucket against Q's mass outside the support (rows.py); tail = 0 is the plain top-k KL
+            # bucket against Q's mass outside the support (contract.py); tail = 0 is the plain top-k KL
             support = teacher_support[index]
             log_q_support = log_q.gather(1, support)
             tail = teacher_tail[index].to(compute_dtype) if teacher_tail is not None else torch.zeros_like(tau)
@@ -134,8 +134,8 @@ def reference_fused_rows(
     if record is not None:  # before grad_out, which may be the logits' own storage
         recorded = (record.index >= 0).nonzero().squeeze(1)
         slots = record.index[recorded]
-        if record.rows is not None:
-            record.rows[slots] = logits[recorded].to(record.rows.dtype)
+        if record.ring_logits is not None:
+            record.ring_logits[slots] = logits[recorded].to(record.ring_logits.dtype)
         record.stats[slots] = student_stats[recorded]
 
     if grad is not None:

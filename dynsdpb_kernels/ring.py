@@ -15,7 +15,7 @@ device (no host sync per step): the per-sample tables `_start` / `_length` are i
 
 Storage. "dense" keeps whole rows (P, V). "topk" keeps the k largest logits of each row (P, k) and their
 vocabulary ids `support` (P, k), with (u, d) still computed on the full row; the kernel then takes the
-KL over the teacher's top-k support (rows.py), an approximation of the dense KL at a fraction of the
+KL over the teacher's top-k support (contract.py), an approximation of the dense KL at a fraction of the
 memory (k * (2 + 8) bytes a row in bfloat16 instead of V * 2).
 
 Matching. Row k of a sample (k-th position whose label is not ignore_index) is taught by row k of its
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import check_positive_int
-from .rows import DistillConfig, RowRecord
+from .checks import check_positive_int
+from .contract import RowRecord, TopkRecord
 
 RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
@@ -41,7 +41,7 @@ class RingLookup:
     """What one call reads from and writes to the ring; made by `TeacherRing.lookup`, applied by `commit`.
 
     teacher_index: (B * T,) int64, slot of the teacher row of each student row, -1 for none.
-    record:        rows.RowRecord for the kernel's fused write, or None when nothing is recorded.
+    record:        contract.RowRecord for the kernel's fused write, or None when nothing is recorded.
     has_teacher:   (B,) bool, the sample's entry was live and its length matched.
     mismatched:    (B,) bool, the sample's entry was live but its length differed (no teacher).
     recorded_rows: 0-d int64, rows this call writes.
@@ -207,21 +207,6 @@ class TeacherRing:
         start, length = int(self._start[sample_id]), int(self._length[sample_id])
         return torch.arange(start, start + length, device=self.device) % self.physical_rows
 
-    def write_topk(self, logits: torch.Tensor, record: RowRecord | None, config: DistillConfig) -> None:
-        """Top-k storage: store the k largest logits of each recorded row, their ids and the row's mass
-        outside them at the temperature tau_r that `config` gives it (the kernel writes the (u, d)). Reads
-        the recorded rows once more, 128 at a time; call it before the logits are overwritten."""
-        if self.support is None or self.tail is None or record is None:
-            return
-        recorded = (record.index >= 0).nonzero().squeeze(1)
-        for part in recorded.split(128):
-            rows = logits.index_select(0, part).float()
-            values, ids = rows.topk(self.k, dim=-1)
-            slots = record.index.index_select(0, part)
-            self.rows[slots] = values.to(self.dtype)
-            self.support[slots] = ids
-            self.tail[slots] = _tail_mass(rows, values, config)
-
     def clear(self) -> None:
         """Forget every entry (storage stays allocated)."""
         self._start.fill_(-1)
@@ -348,9 +333,7 @@ class TeacherRing:
         recorded_rows = record_count.sum()
         return RingLookup(
             teacher_index=teacher_index.reshape(-1),
-            record=None if record == "none" else RowRecord(
-                record_index.reshape(-1), self.rows if self.support is None else None, self.stats
-            ),
+            record=None if record == "none" else self._row_record(record_index.reshape(-1)),
             has_teacher=has_teacher,
             mismatched=mismatched,
             recorded_rows=recorded_rows,
@@ -360,6 +343,12 @@ class TeacherRing:
             new_head=self._head + recorded_rows,
             generation=self._generation,
         )
+
+    def _row_record(self, index: torch.Tensor) -> RowRecord:
+        """Where the kernel (dense rows, statistics) and loss.fused_loss (top-k values) write recorded rows."""
+        if self.support is None or self.tail is None:
+            return RowRecord(index, self.rows, self.stats)
+        return RowRecord(index, None, self.stats, TopkRecord(self.rows, self.support, self.tail))
 
     def commit(self, lookup: RingLookup) -> None:
         """Apply a lookup once its kernel call succeeded: new entries become live, used ones are consumed,
@@ -386,18 +375,3 @@ def _check_sample_ids(sample_ids: object) -> torch.Tensor:
         raise ValueError(f"sample_ids must be distinct within a batch; repeated: {unique[counts > 1][:5].tolist()}")
     return ids
 
-
-def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConfig) -> torch.Tensor:
-    """1 - sum_topk softmax(rows / tau_r): the probability mass a top-k teacher row leaves out, at the
-    temperature the loss will use for it (tau_r from the row's top-1/top-2 margin when config.dynamic)."""
-    log_norm = rows.logsumexp(-1)
-    if config.dynamic:
-        top2 = top_values[:, :2] if top_values.shape[1] >= 2 else rows.topk(min(2, rows.shape[1]), dim=-1).values
-        probs = (top2 - log_norm[:, None]).exp()
-        margin = probs[:, 0] - probs[:, 1] if probs.shape[1] == 2 else probs[:, 0]
-        tau_r = 1.0 + (config.tau - 1.0) * margin.clamp(0, 1)
-    else:
-        tau_r = torch.full_like(log_norm, config.tau)
-    log_norm_tau = (rows / tau_r[:, None]).logsumexp(-1)
-    kept = (top_values / tau_r[:, None] - log_norm_tau[:, None]).exp().sum(-1)
-    return (1.0 - kept).clamp(0.0, 1.0 - 1e-6)

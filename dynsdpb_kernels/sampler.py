@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from .loss import check_positive_int
+from .checks import check_positive_int
 
 
 class OverlapBatchSampler(Sampler[list[int]]):

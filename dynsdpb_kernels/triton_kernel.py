@@ -20,9 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
-# Q's mass off a top-k teacher's support is taken as at least this (rows.py).
+# Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
 
 # Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
@@ -341,7 +341,7 @@ def triton_fused_rows(
     teacher_tail: torch.Tensor | None = None,
     block_v: int | None = None,
 ) -> FusedRows:
-    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write,
+    """Launch the fused kernel; arguments and results follow contract.py (`record`: the fused ring write,
     `teacher_support` / `teacher_tail`: top-k teacher rows' vocabulary ids and tail mass).
 
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
@@ -374,8 +374,8 @@ def triton_fused_rows(
         student_stats,
         grad_scale,
         record.index if record is not None else labels,
-        record.rows if record is not None and record.rows is not None else placeholder,
-        record.rows.stride(0) if record is not None and record.rows is not None else 0,
+        record.ring_logits if record is not None and record.ring_logits is not None else placeholder,
+        record.ring_logits.stride(0) if record is not None and record.ring_logits is not None else 0,
         record.stats if record is not None else placeholder,
         teacher_support if teacher_support is not None else labels,
         teacher_support.stride(0) if teacher_support is not None else 0,
@@ -391,7 +391,7 @@ def triton_fused_rows(
         DYNAMIC=config.dynamic,
         COMPUTE_GRAD=compute_grad,
         RECORD=record is not None,
-        RECORD_ROWS=record is not None and record.rows is not None,
+        RECORD_ROWS=record is not None and record.ring_logits is not None,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,

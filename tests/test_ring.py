@@ -12,7 +12,7 @@ from conftest import BACKENDS
 from truth import truth_dynsdpb
 
 from dynsdpb_kernels import DistillConfig, DynSDPBLoss, LossOptions, TeacherRing, fused_loss
-from dynsdpb_kernels.rows import RowRecord
+from dynsdpb_kernels.contract import RowRecord
 
 IGNORE = -100
 
@@ -63,7 +63,7 @@ def test_record_writes_rounded_rows_and_stats(backend, logits_dtype, ring_dtype,
 
 def test_record_policy_unknown_and_ring_arguments():
     with pytest.raises(ValueError, match="record"):
-        DynSDPBLoss(10, record="sometimes")
+        DynSDPBLoss(10, record_policy="sometimes")
     with pytest.raises(ValueError, match="capacity_rows"):
         TeacherRing(10, 0)
     with pytest.raises(TypeError, match="dtype"):
@@ -188,7 +188,7 @@ def test_length_mismatch_gets_no_teacher_and_is_counted(backend):
 def test_fifo_eviction_never_reads_an_overwritten_entry(backend):
     vocab_size = 40
     ring = TeacherRing(vocab_size, capacity_rows=6, dtype=torch.float32, reserve_rows=4)
-    loss_fn = DynSDPBLoss(vocab_size, backend=backend, record="all")
+    loss_fn = DynSDPBLoss(vocab_size, backend=backend, record_policy="all")
     loss_fn.ring = ring
     recorded = {}
     for step in range(6):  # each step records one sample of 3 rows; the ring keeps the last 6 rows = 2 samples
@@ -220,7 +220,7 @@ def test_reserve_grows_and_keeps_live_teachers(backend):
 @pytest.mark.parametrize("policy", ["new", "all", "none"])
 def test_record_policies(policy):
     vocab_size = 40
-    loss_fn = DynSDPBLoss(vocab_size, capacity_rows=32, backend="reference", record=policy)
+    loss_fn = DynSDPBLoss(vocab_size, capacity_rows=32, backend="reference", record_policy=policy)
     loss_fn.ring = TeacherRing(vocab_size, 32)
     labels = torch.randint(0, vocab_size, (2, 3))
     if policy == "none":  # nothing gets recorded: seed the ring through another module sharing it
@@ -289,7 +289,7 @@ def test_gradient_accumulation_with_num_items_adds_up(backend):
     prime = torch.randn(4, 5, vocab_size)
 
     def fresh():
-        loss_fn = DynSDPBLoss(vocab_size, capacity_rows=64, backend=backend, record="all")
+        loss_fn = DynSDPBLoss(vocab_size, capacity_rows=64, backend=backend, record_policy="all")
         loss_fn(prime[[0, 2]], labels[[0, 2]], ids[[0, 2]])  # samples 0 and 2 get teachers
         return loss_fn
 

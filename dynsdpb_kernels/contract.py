@@ -1,4 +1,5 @@
-"""The per-row kernel contract that every backend (Triton, reference, later C++) implements.
+"""The per-row kernel contract that every backend (Triton, C++ CPU, reference) implements, and the option
+and data types that travel through every layer above it (LossOptions, Teachers, RowRecord, TopkRecord).
 
 A backend receives the student rows of one batch and, for each of them, an index into a table of
 teacher rows. It returns per-row loss terms, the (uncertainty, discrimination) statistics of every
@@ -16,7 +17,7 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
                              factors the two gradient terms are multiplied by (1 / n_valid and
                              1 / n_distilled for reduction="mean"), read by the kernel so that
                              no host synchronisation is needed.
-    record           RowRecord | None: rows to copy into a teacher ring in the same pass (below).
+    record           RowRecord | None: logits to copy into a teacher ring in the same pass (below).
     teacher_support  (R, k) int64 | None: top-k teachers. teacher_rows is then (R, k), the k largest
                      logits of each teacher row, at these vocabulary ids, and teacher_stats (their (u, d)
                      on the full row) is required. The KL is taken over the teacher's support:
@@ -32,17 +33,22 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
                      Q_tail is floored at TAIL_FLOOR = 1e-6, below which 1 - sum_k Q_k is rounding noise.
 
 Recording (the fused ring write): for every row n with record.index[n] >= 0 the kernel writes the
-row's logits, rounded to nearest-even into the ring's dtype, to record.rows[record.index[n]], and the
-row's (u, d) to record.stats[record.index[n]], while it streams the row for the loss anyway: no extra
+row's logits, rounded to nearest-even into the ring's dtype, to record.ring_logits[record.index[n]], and
+the row's (u, d) to record.stats[record.index[n]], while it streams the row for the loss anyway: no extra
 read of the logits and no extra launch. The caller guarantees that recorded slots are distinct and
-disjoint from every slot read through teacher_index in the same call (ring.py reserves them).
+disjoint from every slot read through teacher_index in the same call (ring.py reserves them). A top-k
+ring's values, ids and tail mass (record.topk, a TopkRecord) are written by loss.fused_loss before the
+kernel runs, not by the kernel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # Columns of FusedRows.row_terms.
 ROW_CE = 0  # ce_r = logsumexp(z_r) - z_r[y_r]; 0 on ignored rows
@@ -76,18 +82,74 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
-class RowRecord:
-    """Where a kernel copies the rows it records (see the module docstring).
+class LossOptions:
+    """Everything but tensors that the loss (loss.fused_loss and the autograd.Functions) needs.
 
-    index: (N,) int64, slot of `rows` that student row n is written to, -1 for rows not recorded.
-    rows:  (P, V) ring storage, any float dtype the kernel can write (float32, bfloat16, float16); None
-           to write only the statistics (a top-k ring stores its rows itself).
-    stats: (P, 2) float32, receives the recorded rows' (u, d).
+    validate=True runs the checks that need one device-to-host synchronisation per call: labels outside
+    [0, V) and non-finite logits or teacher logits (detected from the kernel's per-row outputs, so
+    without an extra pass over the logits). inplace_grad=True writes the gradient into the logits'
+    own storage (see functional.dynsdpb_loss).
+    """
+
+    distill: DistillConfig = DistillConfig()
+    reduction: str = "mean"
+    backend: str = "auto"
+    validate: bool = True
+    inplace_grad: bool = False
+
+
+@dataclass(frozen=True)
+class Teachers:
+    """The teacher side of one call, passed whole from the modules to the loss core.
+
+    logits:  (R, V) teacher rows, or (R, k) top-k values when `support` is given; None: no teachers.
+    index:   (N,) int64, row of `logits` that teaches student row n, -1 for none.
+    stats:   (R, 2) float32 (u, d) of each teacher row on its full row (required with `support`).
+    support: (R, k) int64 vocabulary ids of top-k values, or None for whole rows.
+    tail:    (R,) float32 teacher mass outside the top k (with `support`), or None.
+    """
+
+    logits: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    stats: torch.Tensor | None = None
+    support: torch.Tensor | None = None
+    tail: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TopkRecord:
+    """A top-k teacher ring's storage, filled for every recorded row by loss.fused_loss before the kernel.
+
+    values:  (P, k) the k largest logits of each recorded row, in the ring's dtype.
+    support: (P, k) int64, their vocabulary ids.
+    tail:    (P,) float32, the row's probability mass outside its top k at the temperature tau_r the loss
+             will use for it (see teacher_tail above).
+    """
+
+    values: torch.Tensor
+    support: torch.Tensor
+    tail: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowRecord:
+    """Where a call records the student rows that become teachers (see the module docstring).
+
+    index:       (N,) int64, ring slot that student row n is written to, -1 for rows not recorded.
+    ring_logits: (P, V) dense ring storage, any float dtype the kernel can write (float32, bfloat16,
+                 float16), written by the kernel; None for a top-k ring (written through `topk`).
+    stats:       (P, 2) float32, receives the recorded rows' (u, d) (written by the kernel).
+    topk:        TopkRecord of a top-k ring, or None.
     """
 
     index: torch.Tensor
-    rows: torch.Tensor | None
+    ring_logits: torch.Tensor | None
     stats: torch.Tensor
+    topk: TopkRecord | None = None
+
+    def chunk(self, rows: slice) -> RowRecord:
+        """The record of student rows `rows` (the same ring storage)."""
+        return replace(self, index=self.index[rows])
 
 
 @dataclass
