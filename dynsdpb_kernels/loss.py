@@ -102,12 +102,12 @@ def write_topk_record(logits: torch.Tensor, record: RowRecord, config: DistillCo
     assert topk is not None
     recorded = (record.index >= 0).nonzero().squeeze(1)
     for part in recorded.split(128):
-        rows = logits.index_select(0, part).float()
-        values, ids = rows.topk(topk.values.shape[1], dim=-1)
+        recorded_logits = logits.index_select(0, part).float()
+        values, ids = recorded_logits.topk(topk.values.shape[1], dim=-1)
         slots = record.index.index_select(0, part)
         topk.values[slots] = values.to(topk.values.dtype)
         topk.support[slots] = ids
-        topk.tail[slots] = _tail_mass(rows, values, config)
+        topk.tail[slots] = _tail_mass(recorded_logits, values, config)
 
 
 def fused_loss(
