@@ -15,6 +15,7 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU ten
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -100,8 +101,8 @@ def _finish_row_stats(m1, m2, s_rest, ent, inv_log_v):
 @triton.jit
 def _clamp_unit(x):
     # Clamp rounding excursions into [0, 1] while letting NaN through, so non-finite input stays visible.
-    nan_visible = tl.PropagateNan.ALL
-    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=nan_visible), 1.0, propagate_nan=nan_visible)
+    # (the enum is spelled at each call: the compiler takes it as a constant argument, not as a local variable)
+    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -326,6 +327,99 @@ def _dynsdpb_row_kernel(
     tl.store(terms + 4, tl.where(distilled, t_uncertainty, 0.0))
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """How one launch tiles a row: BLOCK_V vocabulary entries per loop step, held by num_warps warps
+    (BLOCK_V / (32 num_warps) entries per thread and live operand)."""
+
+    block_v: int
+    num_warps: int
+
+
+def block_config(vocab_size: int, block_v: int | None = None) -> BlockConfig:
+    """The launcher's choice for a vocabulary of `vocab_size`: the whole row up to MAX_BLOCK_V entries
+    (a power of two), or `block_v` when given; warps from the block width."""
+    if block_v is None:
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    return BlockConfig(block_v=block_v, num_warps=8 if block_v >= 2048 else 4)
+
+
+@dataclass
+class KernelLaunch:
+    """Everything one launch of _dynsdpb_row_kernel passes: the grid, the runtime arguments and the
+    constexprs by the kernel's parameter names, and the warps. tests/test_gpu_compile.py compiles
+    exactly these for GPU targets."""
+
+    grid: tuple[int]
+    arguments: dict[str, object]
+    constexprs: dict[str, object]
+    num_warps: int
+
+
+def kernel_launch(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_rows: torch.Tensor | None,
+    teacher_index: torch.Tensor | None,
+    teacher_stats: torch.Tensor | None,
+    config: DistillConfig,
+    grad_scale: torch.Tensor,
+    outputs: FusedRows,
+    record: RowRecord | None = None,
+    teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+    block_v: int | None = None,
+) -> KernelLaunch:
+    """The launch that computes `outputs` (row_terms, student_stats and grad, allocated by the caller;
+    grad None for forward only) from the row-contract inputs (rows.py)."""
+    n_rows, vocab_size = logits.shape
+    has_teacher = teacher_rows is not None and teacher_index is not None
+    grad = outputs.grad
+    blocks = block_config(vocab_size, block_v)
+    # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
+    placeholder = outputs.row_terms
+    arguments = dict(
+        logits_ptr=logits,
+        logits_row_stride=logits.stride(0),
+        labels_ptr=labels,
+        teacher_ptr=teacher_rows if has_teacher else placeholder,
+        teacher_row_stride=teacher_rows.stride(0) if has_teacher else 0,
+        teacher_index_ptr=teacher_index if has_teacher else labels,
+        teacher_stats_ptr=teacher_stats if teacher_stats is not None else placeholder,
+        grad_ptr=grad if grad is not None else logits,
+        grad_row_stride=grad.stride(0) if grad is not None else 0,
+        row_terms_ptr=outputs.row_terms,
+        student_stats_ptr=outputs.student_stats,
+        grad_scale_ptr=grad_scale,
+        record_index_ptr=record.index if record is not None else labels,
+        ring_ptr=record.rows if record is not None and record.rows is not None else placeholder,
+        ring_row_stride=record.rows.stride(0) if record is not None and record.rows is not None else 0,
+        ring_stats_ptr=record.stats if record is not None else placeholder,
+        support_ptr=teacher_support if teacher_support is not None else labels,
+        support_row_stride=teacher_support.stride(0) if teacher_support is not None else 0,
+        tail_ptr=teacher_tail if teacher_tail is not None else placeholder,
+        K=teacher_support.shape[1] if teacher_support is not None else 1,
+        V=vocab_size,
+        ignore_index=config.ignore_index,
+        alpha=float(config.alpha),
+        tau=float(config.tau),
+        inv_log_v=1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+    )
+    constexprs = dict(
+        HAS_TEACHER=has_teacher,
+        HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
+        DYNAMIC=config.dynamic,
+        COMPUTE_GRAD=grad is not None,
+        RECORD=record is not None,
+        RECORD_ROWS=record is not None and record.rows is not None,
+        TEACHER_TOPK=teacher_support is not None,
+        HAS_TAIL=teacher_support is not None and teacher_tail is not None,
+        K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
+        BLOCK_V=blocks.block_v,
+    )
+    return KernelLaunch(grid=(n_rows,), arguments=arguments, constexprs=constexprs, num_warps=blocks.num_warps)
+
+
 def triton_fused_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -347,55 +441,18 @@ def triton_fused_rows(
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
     the vocabulary block width (a power of two), which tests use to force several blocks.
     """
-    n_rows, vocab_size = logits.shape
+    n_rows = logits.shape[0]
     device = logits.device
-    row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device)
-    student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
-    grad = gradient_buffer(logits, compute_grad, grad_out)
-    if n_rows == 0:
-        return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
-
-    has_teacher = teacher_rows is not None and teacher_index is not None
-    if block_v is None:
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
-    # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
-    placeholder = row_terms
-    _dynsdpb_row_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        labels,
-        teacher_rows if has_teacher else placeholder,
-        teacher_rows.stride(0) if has_teacher else 0,
-        teacher_index if has_teacher else labels,
-        teacher_stats if teacher_stats is not None else placeholder,
-        grad if grad is not None else logits,
-        grad.stride(0) if grad is not None else 0,
-        row_terms,
-        student_stats,
-        grad_scale,
-        record.index if record is not None else labels,
-        record.rows if record is not None and record.rows is not None else placeholder,
-        record.rows.stride(0) if record is not None and record.rows is not None else 0,
-        record.stats if record is not None else placeholder,
-        teacher_support if teacher_support is not None else labels,
-        teacher_support.stride(0) if teacher_support is not None else 0,
-        teacher_tail if teacher_tail is not None else placeholder,
-        teacher_support.shape[1] if teacher_support is not None else 1,
-        vocab_size,
-        config.ignore_index,
-        float(config.alpha),
-        float(config.tau),
-        1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
-        HAS_TEACHER=has_teacher,
-        HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
-        DYNAMIC=config.dynamic,
-        COMPUTE_GRAD=compute_grad,
-        RECORD=record is not None,
-        RECORD_ROWS=record is not None and record.rows is not None,
-        TEACHER_TOPK=teacher_support is not None,
-        HAS_TAIL=teacher_support is not None and teacher_tail is not None,
-        K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
-        BLOCK_V=block_v,
-        num_warps=8 if block_v >= 2048 else 4,
+    outputs = FusedRows(
+        row_terms=torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device),
+        student_stats=torch.empty(n_rows, 2, dtype=torch.float32, device=device),
+        grad=gradient_buffer(logits, compute_grad, grad_out),
     )
-    return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
+    if n_rows == 0:
+        return outputs
+    launch = kernel_launch(
+        logits, labels, teacher_rows, teacher_index, teacher_stats, config, grad_scale, outputs,
+        record, teacher_support, teacher_tail, block_v,
+    )
+    _dynsdpb_row_kernel[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
+    return outputs
