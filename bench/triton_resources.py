@@ -19,17 +19,19 @@ a block may use 227 KB, 1 KB of it reserved per block):
     blocks by shared mem = floor(228 KB / roundup(shared + 1 KB, 128))
     blocks per SM        = min(blocks by registers, by warps, by shared memory, 32)
     warps per SM         = blocks per SM * num_warps   (occupancy = warps per SM / 64)
-Spilled registers live in local memory (L1/L2/HBM traffic), so a configuration that spills anywhere is
-rejected. Among the rest the choice maximises the smallest warps per SM over the specializations, then
-takes the widest block (fewest loop steps over the vocabulary: each step ends in cross-warp reductions),
-then the fewer warps. This is compile-time data, not a GPU speed measurement.
+The choice. Spilled registers go to local memory (L1/L2/HBM traffic), so a configuration that spills in
+any specialization is rejected. Of the rest, those that keep at least half the warp slots (32 warps per
+SM) in every specialization qualify: a streaming kernel hides memory and barrier latency by switching
+warps, and past about half occupancy more warps seldom help. Among those, the widest block wins (fewest
+loop steps over the vocabulary; each step ends in about ten block-wide reductions through shared memory
+and barriers), then the fewer warps (cheaper reductions). Rules of thumb, not measurements: this is
+compile-time data, and a GPU timing (bench/gpu_check.py) is what would confirm or overturn it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import datetime
 import json
 import os
 import re
@@ -117,21 +119,24 @@ def measure(spec: Specialization, block_v: int, num_warps: int) -> dict:
     warps, limit = warps_per_sm(report["registers"], num_warps, shared)
     return {"specialization": spec.name, "block_v": block_v, "num_warps": num_warps,
             "per_thread": block_v // (32 * num_warps), "steps_at_V": -(-spec.vocab_size // block_v), **report,
-            "local_bytes": cubin["local"], "shared_bytes": shared, "warps_per_sm": warps,
+            "local_bytes": cubin["local"], "stack_bytes": cubin["stack"], "shared_bytes": shared, "warps_per_sm": warps,
             "occupancy": warps / MAX_WARPS, "limited_by": limit}
 
 
+MIN_WARPS_PER_SM = 32  # half of sm_90's 64 warp slots
+
+
 def choose(rows: list[dict]) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): no spill in any specialization, then most warps per SM in the worst one,
-    then the widest block, then the fewer warps."""
-    scores = []
+    """(BLOCK_V, num_warps) by the rule in the module docstring: no spill in any specialization, at least
+    MIN_WARPS_PER_SM in each, then the widest block, then the fewer warps."""
+    qualified = []
     for block_v, num_warps in CANDIDATES:
         mine = [row for row in rows if (row["block_v"], row["num_warps"]) == (block_v, num_warps)]
-        if any(row["spill_stores"] or row["spill_loads"] or row["local_bytes"] for row in mine):
-            continue
-        scores.append((min(row["warps_per_sm"] for row in mine), block_v, -num_warps))
-    best = max(scores)
-    return best[1], -best[2]
+        spills = any(row["spill_stores"] or row["spill_loads"] or row["local_bytes"] or row["stack_bytes"] for row in mine)
+        if not spills and min(row["warps_per_sm"] for row in mine) >= MIN_WARPS_PER_SM:
+            qualified.append((block_v, -num_warps))
+    block_v, negative_warps = max(qualified)
+    return block_v, -negative_warps
 
 
 def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> None:
@@ -143,17 +148,20 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
         "(not a speed measurement). Registers per thread and spills from `ptxas -v`, shared memory from Triton's "
         "metadata, warps per SM by the occupancy formula in the script's docstring (64 = full occupancy).",
         "",
-        f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}** (no spills anywhere, most warps per SM in the "
-        "worst specialization, then the widest block).",
+        f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: no spills in any specialization, at least "
+        f"{MIN_WARPS_PER_SM} warps per SM in each, then the widest block, then the fewer warps (the rule and the "
+        "formula are in the script's docstring). `spill st/ld` are ptxas's spill stores/loads in bytes per thread, "
+        "`stack` the stack frame; `steps` the loop steps over the row at that V.",
         "",
-        "| specialization | BLOCK_V | warps | elems/thread | regs | spill st/ld (B) | smem (B) | warps/SM | limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| specialization | BLOCK_V | warps | elems/thread | steps | regs | spill st/ld (B) | stack (B) | smem (B) | warps/SM | limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         mark = " **(chosen)**" if (row["block_v"], row["num_warps"]) == chosen else ""
         lines.append(
             f"| {row['specialization']}{mark} | {row['block_v']} | {row['num_warps']} | {row['per_thread']} | "
-            f"{row['registers']} | {row['spill_stores']}/{row['spill_loads']} | {row['shared_bytes']} | "
+            f"{row['steps_at_V']} | {row['registers']} | {row['spill_stores']}/{row['spill_loads']} | {row['stack_bytes']} | "
+            f"{row['shared_bytes']} | "
             f"{row['warps_per_sm']} | {row['limited_by']} |"
         )
     path.write_text("\n".join(lines) + "\n")
@@ -175,8 +183,8 @@ def main() -> int:
     write_markdown(rows, chosen, out / "triton_resources.md")
     current = triton_kernel.block_config(triton_aot.LARGE_VOCAB)
     print(f"chosen BLOCK_V={chosen[0]} num_warps={chosen[1]}; the launcher picks BLOCK_V={current.block_v} "
-          f"num_warps={current.num_warps} for V={triton_aot.LARGE_VOCAB} ({datetime.date.today()})")
-    return 0
+          f"num_warps={current.num_warps} for V={triton_aot.LARGE_VOCAB}")
+    return 0 if (current.block_v, current.num_warps) == chosen else 1
 
 
 if __name__ == "__main__":

@@ -162,10 +162,25 @@ def odd_vocab_specializations() -> list[Specialization]:
     ]
 
 
+def gpu_check_specializations() -> list[Specialization]:
+    """What bench/gpu_check.py launches: dynsdpb_loss on float32 and bfloat16 logits with teachers of the
+    same dtype; DynSDPBLoss and FusedLinearDynSDPBLoss (dense and top-k rings of the default bfloat16)
+    on float32 logits and, in the head benchmark, bfloat16 ones; all dynamic, with the gradient. The
+    vocabularies it uses (32000, 128256) are multiples of 16 and at least MAX_BLOCK_V: the same launch."""
+    return [
+        Specialization(dtype, "dense", dtype) for dtype in (torch.float32, torch.bfloat16)
+    ] + [
+        Specialization(dtype, "dense", torch.bfloat16, True, record="rows") for dtype in (torch.float32, torch.bfloat16)
+    ] + [
+        Specialization(dtype, "topk", torch.bfloat16, True, True, "stats") for dtype in (torch.float32, torch.bfloat16)
+    ]
+
+
 def compile_check_set(arch: int) -> list[Specialization]:
     """What tests/test_gpu_compile.py compiles for `arch`: for sm_90 (H100/H200) every flag combination at
-    bfloat16, plus (both targets) the pairwise cover of flags and dtypes and the unaligned vocabulary."""
-    specs = (flag_product() if arch == 90 else []) + pairwise_cover() + odd_vocab_specializations()
+    bfloat16, plus (both targets) the pairwise cover of flags and dtypes, the unaligned vocabulary and
+    what bench/gpu_check.py launches."""
+    specs = (flag_product() if arch == 90 else []) + pairwise_cover() + odd_vocab_specializations() + gpu_check_specializations()
     return list({spec.name: spec for spec in specs}.values())
 
 
@@ -291,17 +306,20 @@ def compile_all(specs: list[Specialization], arch: int) -> list[dict]:
     return results
 
 
-def run_isolated(arch: int, names: list[str] | None = None, timeout: float = 1800) -> list[dict]:
-    """compile_all in a fresh Python process without TRITON_INTERPRET (the interpreter replaces
-    triton.jit, and a compile needs the real one)."""
+def start_isolated(arch: int) -> subprocess.Popen:
+    """Start compile_all(compile_check_set(arch), arch) in a fresh Python process without TRITON_INTERPRET
+    (the interpreter replaces triton.jit, and a compile needs the real one); read it with `results`."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "dynsdpb_kernels.triton_aot", "--arch", str(arch)]
-    if names:
-        command += ["--only", ",".join(names)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
-    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def results(process: subprocess.Popen, timeout: float = 1800) -> list[dict]:
+    """The JSON results of a process from start_isolated; raises with its stderr if it failed."""
+    stdout, stderr = process.communicate(timeout=timeout)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(process.args)} failed ({process.returncode}):\n{stderr[-4000:]}")
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,11 @@ from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buf
 # Q's mass off a top-k teacher's support is taken as at least this (rows.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
 
-# Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
-# live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
-MAX_BLOCK_V = 4096
+# Largest vocabulary block of one loop step, and vocabulary entries per thread (and live operand): the
+# widest block that neither spills nor leaves fewer than 32 of sm_90's 64 warp slots resident in any
+# specialization is 2048 at 16 warps (bench/triton_resources.md: 40-52 registers per thread).
+MAX_BLOCK_V = 2048
+ELEMENTS_PER_THREAD = 4
 
 
 @triton.jit
@@ -338,10 +340,10 @@ class BlockConfig:
 
 def block_config(vocab_size: int, block_v: int | None = None) -> BlockConfig:
     """The launcher's choice for a vocabulary of `vocab_size`: the whole row up to MAX_BLOCK_V entries
-    (a power of two), or `block_v` when given; warps from the block width."""
+    (a power of two), or `block_v` when given; ELEMENTS_PER_THREAD entries per thread (1 to 16 warps)."""
     if block_v is None:
         block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
-    return BlockConfig(block_v=block_v, num_warps=8 if block_v >= 2048 else 4)
+    return BlockConfig(block_v=block_v, num_warps=min(16, max(1, block_v // (32 * ELEMENTS_PER_THREAD))))
 
 
 @dataclass

@@ -7,10 +7,10 @@ The specializations (dynsdpb_kernels/triton_aot.py): on sm_90 every combination 
 (teacher none / dense / dense with statistics / top-k / top-k with tail; record none / rows / statistics;
 dynamic; gradient) in bfloat16; on both targets a set holding every pair of values of those factors and of
 the logits' and teachers' dtypes (float32, bfloat16, float16, float64 logits; float32, bfloat16, float16
-teachers and rings), and a vocabulary that is not a multiple of 16.
+teachers and rings), a vocabulary that is not a multiple of 16, and what bench/gpu_check.py launches.
 
 Compiling needs the real triton.jit, which TRITON_INTERPRET=1 (conftest.py) replaces, so the compiles
-run in one child process per target without it.
+run in one child process per target without it (both at once).
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ ARCHS = (80, 90)
 
 
 @functools.cache
+def all_compile_results() -> dict[int, dict[str, dict]]:
+    # both targets compile at once, in two processes (the compiles are single-threaded)
+    processes = {arch: triton_aot.start_isolated(arch) for arch in ARCHS}
+    return {arch: {result["name"]: result for result in triton_aot.results(process)} for arch, process in processes.items()}
+
+
 def compile_results(arch: int) -> dict[str, dict]:
-    return {result["name"]: result for result in triton_aot.run_isolated(arch)}
+    return all_compile_results()[arch]
 
 
 CASES = [(arch, spec.name) for arch in ARCHS for spec in triton_aot.compile_check_set(arch)]
