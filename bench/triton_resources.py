@@ -152,7 +152,7 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
         "metadata, warps per SM by the occupancy formula in the script's docstring (64 = full occupancy).",
         "",
         f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: no spills in any specialization, at least "
-        f"{MIN_WARPS_PER_SM} warps per SM in each, then the widest block, then the fewer warps (the rule and the "
+        f"{MIN_WARPS_PER_SM} warps per SM in each, on both targets, then the widest block, then the fewer warps (the rule and the "
         "formula are in the script's docstring). `spill st/ld` are ptxas's spill stores/loads in bytes per thread, "
         "`stack` the stack frame; `steps` the loop steps over the row at that V.",
         "",
