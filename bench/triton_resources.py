@@ -4,7 +4,7 @@
     python bench/triton_resources.py            # writes bench/triton_resources.csv and .md (no GPU needed)
 
 For each specialization below and each (BLOCK_V, num_warps) candidate, the launch that
-triton_kernel.kernel_launch makes for a large vocabulary (V = 128256) is compiled for sm_90 and sm_80 with
+triton_kernel.triton_fused_rows makes for a large vocabulary (V = 128256) is compiled for sm_90 and sm_80 with
 triton.compile (dynsdpb_kernels/triton_aot.py, in a process without TRITON_INTERPRET), and the PTX is
 run again through the ptxas Triton uses, with Triton's flags and -v, for registers per thread and spill
 stores / loads; the cubin's register count (cuobjdump) must agree. Shared memory is Triton's dynamic
@@ -22,11 +22,12 @@ of it reserved per block; A100's sm_80 SM differs only in 164 KB shared memory:
     warps per SM         = blocks per SM * num_warps   (occupancy = warps per SM / 64)
 The choice. Spilled registers go to local memory (L1/L2/HBM traffic), so a configuration that spills in
 any specialization on either target is rejected. Of the rest, those that keep at least half the warp
-slots (32 warps per SM) in every specialization on both targets qualify: a streaming kernel hides memory and barrier latency by switching
-warps, and past about half occupancy more warps seldom help. Among those, the widest block wins (fewest
-loop steps over the vocabulary; each step ends in about ten block-wide reductions through shared memory
-and barriers), then the fewer warps (cheaper reductions). Rules of thumb, not measurements: this is
-compile-time data, and a GPU timing (bench/gpu_check.py) is what would confirm or overturn it.
+slots (32 warps per SM) in every specialization on both targets qualify: a streaming kernel hides memory
+and barrier latency by switching warps, and past about half occupancy more warps seldom help. Among
+those, the widest block wins (fewest loop steps over the vocabulary; each step of the first pass ends
+in 9 to 14 block-wide reductions through shared memory and barriers), then the fewer warps (cheaper
+reductions). Rules of thumb, not measurements: this is compile-time data, and a GPU timing
+(bench/gpu_check.py) is what would confirm or overturn it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ from dynsdpb_kernels.triton_aot import Specialization  # noqa: E402
 
 ARCHS = (90, 80)
 DATE = "2026-11-29"
-CANDIDATES = [(1024, 4), (1024, 8), (2048, 4), (2048, 8), (2048, 16), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]
+CANDIDATES = [
+    (1024, 4), (1024, 8), (2048, 4), (2048, 8), (2048, 16), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)
+]
 # The variants with the most live state: teachers without statistics (pre-pass, or the full teacher state in
 # pass 1 when static), a ring's dense and top-k teachers while recording, plain cross-entropy; float32 logits
 # hold the most registers per element, bfloat16 is the training dtype; and the heaviest at a vocabulary
@@ -134,7 +137,7 @@ def choose(rows: list[dict]) -> tuple[int, int]:
     qualified = []
     for block_v, num_warps in CANDIDATES:
         mine = [row for row in rows if (row["block_v"], row["num_warps"]) == (block_v, num_warps)]
-        spills = any(row["spill_stores"] or row["spill_loads"] or row["local_bytes"] or row["stack_bytes"] for row in mine)
+        spills = any(row[key] for row in mine for key in ("spill_stores", "spill_loads", "local_bytes", "stack_bytes"))
         if not spills and min(row["warps_per_sm"] for row in mine) >= MIN_WARPS_PER_SM:
             qualified.append((block_v, -num_warps))
     block_v, negative_warps = max(qualified)
@@ -152,18 +155,21 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
         "metadata, warps per SM by the occupancy formula in the script's docstring (64 = full occupancy).",
         "",
         f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: no spills in any specialization, at least "
-        f"{MIN_WARPS_PER_SM} warps per SM in each, on both targets, then the widest block, then the fewer warps (the rule and the "
+        f"{MIN_WARPS_PER_SM} warps per SM in each, on both targets, then the widest block, then the fewer warps "
+        "(the rule and the "
         "formula are in the script's docstring). `spill st/ld` are ptxas's spill stores/loads in bytes per thread, "
         "`stack` the stack frame; `steps` the loop steps over the row at that V.",
         "",
-        "| target | specialization | BLOCK_V | warps | elems/thread | steps | regs | spill st/ld (B) | stack (B) | smem (B) | warps/SM | limit |",
+        "| target | specialization | BLOCK_V | warps | elems/thread | steps | regs | spill st/ld (B) | stack (B) "
+        "| smem (B) | warps/SM | limit |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         mark = " **(chosen)**" if (row["block_v"], row["num_warps"]) == chosen else ""
         lines.append(
-            f"| {row['arch']} | {row['specialization']}{mark} | {row['block_v']} | {row['num_warps']} | {row['per_thread']} | "
-            f"{row['steps_at_V']} | {row['registers']} | {row['spill_stores']}/{row['spill_loads']} | {row['stack_bytes']} | "
+            f"| {row['arch']} | {row['specialization']}{mark} | {row['block_v']} | {row['num_warps']} | "
+            f"{row['per_thread']} | {row['steps_at_V']} | {row['registers']} | "
+            f"{row['spill_stores']}/{row['spill_loads']} | {row['stack_bytes']} | "
             f"{row['shared_bytes']} | "
             f"{row['warps_per_sm']} | {row['limited_by']} |"
         )

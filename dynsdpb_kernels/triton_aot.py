@@ -2,7 +2,7 @@
 
 Triton compiles a kernel for a named target (`GPUTarget("cuda", 90, 32)`) without a driver: Python AST ->
 Triton IR -> LLVM IR -> PTX -> cubin (the ptxas shipped inside Triton). This module builds, for each
-kernel specialization the public API can launch, the launch that triton_kernel.kernel_launch makes for
+kernel specialization the public API can launch, the launch that triton_kernel.triton_fused_rows makes for
 it, turns that launch into a signature, constexprs and alignment attributes with Triton's own launch
 binder (the code a real `kernel[grid](...)` call runs), and compiles it. Used by
 tests/test_gpu_compile.py and bench/triton_resources.py.
@@ -11,7 +11,7 @@ It needs the compiled Triton front end, not the interpreter: run it in a process
 TRITON_INTERPRET=1 (`python -m dynsdpb_kernels.triton_aot --arch 90` does so and prints one JSON line
 per specialization).
 
-Specializations. The kernel's constexprs are fixed by what a call passes (triton_kernel.kernel_launch):
+Specializations. The kernel's constexprs are fixed by what a call passes (triton_kernel.triton_fused_rows):
 teacher rows or none, their statistics, dynamic alpha/tau, the gradient, a ring record (rows in the
 ring's dtype, or the statistics only for a top-k ring), top-k teachers with or without a tail; the
 pointer types by the logits' and teachers' dtypes. Who launches what:
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord
+from .rows import DistillConfig, RowRecord
 
 # A large vocabulary (Llama 3's): the launcher's choice of BLOCK_V and warps for it is the one compiled.
 LARGE_VOCAB = 128256
@@ -80,7 +80,8 @@ class Specialization:
         else:
             parts.append("no-teacher")
         if self.record != "none":
-            parts.append(f"record-{self.record}" + (f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record == "rows" else ""))
+            ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record == "rows" else ""
+            parts.append(f"record-{self.record}{ring}")
         parts.append("dynamic" if self.dynamic else "static")
         parts.append("grad" if self.compute_grad else "forward")
         if self.vocab_size != LARGE_VOCAB:
@@ -125,7 +126,9 @@ def factor_values(spec: Specialization) -> dict:
             "logits_dtype": spec.logits_dtype, "teacher_dtype": spec.teacher_dtype if uses_dtype else None}
 
 
-def flag_product(logits_dtype: torch.dtype = torch.bfloat16, teacher_dtype: torch.dtype = torch.bfloat16) -> list[Specialization]:
+def flag_product(
+    logits_dtype: torch.dtype = torch.bfloat16, teacher_dtype: torch.dtype = torch.bfloat16
+) -> list[Specialization]:
     """Every combination of the kernel's flags (teacher side, record, dynamic, gradient) at one pair of
     dtypes: 5 * 3 * 2 * 2 = 60 specializations."""
     names = ("side", "record", "dynamic", "compute_grad")
@@ -180,14 +183,17 @@ def compile_check_set(arch: int) -> list[Specialization]:
     """What tests/test_gpu_compile.py compiles for `arch`: for sm_90 (H100/H200) every flag combination at
     bfloat16, plus (both targets) the pairwise cover of flags and dtypes, the unaligned vocabulary and
     what bench/gpu_check.py launches."""
-    specs = (flag_product() if arch == 90 else []) + pairwise_cover() + odd_vocab_specializations() + gpu_check_specializations()
+    specs = flag_product() if arch == 90 else []
+    specs += pairwise_cover() + odd_vocab_specializations() + gpu_check_specializations()
     return list({spec.name: spec for spec in specs}.values())
 
 
 def example_launch(spec: Specialization, block_v: int | None = None, inplace_grad: bool = False, n_rows: int = 2):
-    """The KernelLaunch triton_kernel.kernel_launch makes for `spec` (small CPU tensors of the right
-    dtypes, shapes and strides; nothing is run). `block_v` overrides the launcher's block width."""
-    from .triton_kernel import kernel_launch
+    """The KernelLaunch triton_kernel.triton_fused_rows makes for `spec`, taken from its `launcher` hook
+    instead of run: small CPU tensors of the dtypes, shapes and strides a real call passes. `block_v`
+    overrides the launcher's block width; `inplace_grad` passes the logits as the gradient buffer, as
+    loss.fused_loss does for inplace_grad=True and the fused head always."""
+    from .triton_kernel import triton_fused_rows
 
     vocab_size = spec.vocab_size
     logits = torch.zeros(n_rows, vocab_size, dtype=spec.logits_dtype)
@@ -206,19 +212,14 @@ def example_launch(spec: Specialization, block_v: int | None = None, inplace_gra
     if spec.record != "none":
         ring_rows = torch.zeros(n_teachers, vocab_size, dtype=spec.ring_dtype) if spec.record == "rows" else None
         record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, 2, dtype=torch.float32))
-    grad = None
-    if spec.compute_grad:
-        grad = logits if inplace_grad else torch.empty_like(logits)
-    outputs = FusedRows(
-        row_terms=torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float64 if spec.logits_dtype == torch.float64 else torch.float32),
-        student_stats=torch.empty(n_rows, 2, dtype=torch.float32),
-        grad=grad,
+    launches = []
+    triton_fused_rows(
+        logits, labels, teacher_rows, teacher_index, teacher_stats, DistillConfig(dynamic=spec.dynamic),
+        torch.ones(2, dtype=torch.float32), spec.compute_grad, grad_out=logits if inplace_grad else None,
+        record=record, teacher_support=support, teacher_tail=tail, block_v=block_v, launcher=launches.append,
     )
-    config = DistillConfig(dynamic=spec.dynamic)
-    grad_scale = torch.ones(2, dtype=torch.float32)
-    return kernel_launch(
-        logits, labels, teacher_rows, teacher_index, teacher_stats, config, grad_scale, outputs, record, support, tail, block_v
-    )
+    (launch,) = launches
+    return launch
 
 
 def _kernel():
@@ -273,7 +274,8 @@ def cubin_resources(cubin: bytes, arch: int) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True).stdout
+        command = [tool, "--dump-resource-usage", file.name]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report))
     return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]), "static_shared": int(fields["SHARED"]),
             "local": int(fields["LOCAL"])}
@@ -294,7 +296,8 @@ def compile_all(specs: list[Specialization], arch: int) -> list[dict]:
     results = []
     for spec in specs:
         launch = example_launch(spec)
-        result: dict = {"name": spec.name, "arch": arch, "block_v": launch.constexprs["BLOCK_V"], "num_warps": launch.num_warps}
+        result: dict = {"name": spec.name, "arch": arch, "block_v": launch.constexprs["BLOCK_V"],
+                        "num_warps": launch.num_warps}
         try:
             compiled = compile_launch(launch, arch)
             result.update(ok=True, **cubin_resources(compiled.asm["cubin"], arch))

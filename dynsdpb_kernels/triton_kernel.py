@@ -15,6 +15,7 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU ten
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -348,9 +349,9 @@ def block_config(vocab_size: int, block_v: int | None = None) -> BlockConfig:
 
 @dataclass
 class KernelLaunch:
-    """Everything one launch of _dynsdpb_row_kernel passes: the grid, the runtime arguments and the
-    constexprs by the kernel's parameter names, and the warps. tests/test_gpu_compile.py compiles
-    exactly these for GPU targets."""
+    """Everything one launch of _dynsdpb_row_kernel passes (made by triton_fused_rows): the grid, the
+    runtime arguments and the constexprs by the kernel's parameter names, and the warps.
+    tests/test_gpu_compile.py compiles exactly these for GPU targets."""
 
     grid: tuple[int]
     arguments: dict[str, object]
@@ -358,7 +359,12 @@ class KernelLaunch:
     num_warps: int
 
 
-def kernel_launch(
+def run_launch(launch: KernelLaunch) -> None:
+    """Run `launch` on the device of its tensors (or in the interpreter)."""
+    _dynsdpb_row_kernel[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
+
+
+def triton_fused_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_rows: torch.Tensor | None,
@@ -366,15 +372,30 @@ def kernel_launch(
     teacher_stats: torch.Tensor | None,
     config: DistillConfig,
     grad_scale: torch.Tensor,
-    outputs: FusedRows,
+    compute_grad: bool,
+    grad_out: torch.Tensor | None = None,
     record: RowRecord | None = None,
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
     block_v: int | None = None,
-) -> KernelLaunch:
-    """The launch that computes `outputs` (row_terms, student_stats and grad, allocated by the caller;
-    grad None for forward only) from the row-contract inputs (rows.py)."""
+    launcher: Callable[[KernelLaunch], None] = run_launch,
+) -> FusedRows:
+    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write,
+    `teacher_support` / `teacher_tail`: top-k teacher rows' vocabulary ids and tail mass).
+
+    `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
+    the vocabulary block width (a power of two), which tests use to force several blocks. `launcher`
+    receives the KernelLaunch (triton_aot passes one that compiles it for a GPU target instead).
+    """
     n_rows, vocab_size = logits.shape
+    device = logits.device
+    outputs = FusedRows(
+        row_terms=torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device),
+        student_stats=torch.empty(n_rows, 2, dtype=torch.float32, device=device),
+        grad=gradient_buffer(logits, compute_grad, grad_out),
+    )
+    if n_rows == 0:
+        return outputs
     has_teacher = teacher_rows is not None and teacher_index is not None
     grad = outputs.grad
     blocks = block_config(vocab_size, block_v)
@@ -419,42 +440,6 @@ def kernel_launch(
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=blocks.block_v,
     )
-    return KernelLaunch(grid=(n_rows,), arguments=arguments, constexprs=constexprs, num_warps=blocks.num_warps)
-
-
-def triton_fused_rows(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_rows: torch.Tensor | None,
-    teacher_index: torch.Tensor | None,
-    teacher_stats: torch.Tensor | None,
-    config: DistillConfig,
-    grad_scale: torch.Tensor,
-    compute_grad: bool,
-    grad_out: torch.Tensor | None = None,
-    record: RowRecord | None = None,
-    teacher_support: torch.Tensor | None = None,
-    teacher_tail: torch.Tensor | None = None,
-    block_v: int | None = None,
-) -> FusedRows:
-    """Launch the fused kernel; arguments and results follow rows.py (`record`: the fused ring write,
-    `teacher_support` / `teacher_tail`: top-k teacher rows' vocabulary ids and tail mass).
-
-    `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
-    the vocabulary block width (a power of two), which tests use to force several blocks.
-    """
-    n_rows = logits.shape[0]
-    device = logits.device
-    outputs = FusedRows(
-        row_terms=torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device),
-        student_stats=torch.empty(n_rows, 2, dtype=torch.float32, device=device),
-        grad=gradient_buffer(logits, compute_grad, grad_out),
-    )
-    if n_rows == 0:
-        return outputs
-    launch = kernel_launch(
-        logits, labels, teacher_rows, teacher_index, teacher_stats, config, grad_scale, outputs,
-        record, teacher_support, teacher_tail, block_v,
-    )
-    _dynsdpb_row_kernel[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
+    launch = KernelLaunch(grid=(n_rows,), arguments=arguments, constexprs=constexprs, num_warps=blocks.num_warps)
+    launcher(launch)
     return outputs

@@ -1,7 +1,7 @@
 """The Triton kernel compiles for real GPUs, checked on a machine without one.
 
 For sm_80 (A100) and sm_90 (H100/H200), triton.compile runs the whole GPU pipeline (Triton IR, LLVM IR,
-PTX, and the cubin from the ptxas inside Triton) on each launch triton_kernel.kernel_launch makes, at the
+PTX, and the cubin from the ptxas inside Triton) on each launch triton_kernel.triton_fused_rows makes, at the
 block width and warps the launcher picks for a large vocabulary, and every compile error fails a test.
 The specializations (dynsdpb_kernels/triton_aot.py): on sm_90 every combination of the kernel's flags
 (teacher none / dense / dense with statistics / top-k / top-k with tail; record none / rows / statistics;
@@ -29,7 +29,9 @@ ARCHS = (80, 90)
 def all_compile_results() -> dict[int, dict[str, dict]]:
     # both targets compile at once, in two processes (the compiles are single-threaded)
     processes = {arch: triton_aot.start_isolated(arch) for arch in ARCHS}
-    return {arch: {result["name"]: result for result in triton_aot.results(process)} for arch, process in processes.items()}
+    return {
+        arch: {result["name"]: result for result in triton_aot.results(process)} for arch, process in processes.items()
+    }
 
 
 def compile_results(arch: int) -> dict[str, dict]:
