@@ -20,13 +20,15 @@ of it reserved per block; A100's sm_80 SM differs only in 164 KB shared memory:
     blocks by shared mem = floor(shared per SM / roundup(shared + 1 KB, 128))
     blocks per SM        = min(blocks by registers, by warps, by shared memory, 32)
     warps per SM         = blocks per SM * num_warps   (occupancy = warps per SM / 64)
-The choice. Spilled registers go to local memory (L1/L2/HBM traffic), so a configuration that spills in
-any specialization on either target is rejected. Of the rest, those that keep at least half the warp
-slots (32 warps per SM) in every specialization on both targets qualify: a streaming kernel hides memory
-and barrier latency by switching warps, and past about half occupancy more warps seldom help. Among
-those, the widest block wins (fewest loop steps over the vocabulary; each step of the first pass ends
-in 9 to 14 block-wide reductions through shared memory and barriers), then the fewer warps (cheaper
-reductions). Rules of thumb, not measurements: this is compile-time data, and a GPU timing
+The choice is made for H100/H200 (sm_90), the GPUs this package targets first. Spilled registers go to
+local memory (L1/L2/HBM traffic), so a configuration that spills in any specialization on sm_90 is
+rejected. Of the rest, those that keep at least half the warp slots (32 warps per SM) in every
+specialization qualify: a streaming kernel hides memory and barrier latency by switching warps, and past
+about half occupancy more warps seldom help. Among those, the widest block wins (fewest loop steps over
+the vocabulary; each step of the first pass ends in 9 to 14 block-wide reductions through shared memory
+and barriers), then the fewer warps (cheaper reductions). The sm_80 rows are listed for reference: the
+ptxas Triton uses there (12.9) sometimes picks a register count (40, 48, 64) that costs a few bytes of
+spill per thread. Rules of thumb, not measurements: this is compile-time data, and a GPU timing
 (bench/gpu_check.py) is what would confirm or overturn it.
 """
 
@@ -61,6 +63,7 @@ CANDIDATES = [
 # pass 1 when static), a ring's dense and top-k teachers while recording, plain cross-entropy; float32 logits
 # hold the most registers per element, bfloat16 is the training dtype; and the heaviest at a vocabulary
 # that is not a multiple of 16 (no vectorised loads).
+CHOICE_ARCH = 90
 SPECS = [
     Specialization(torch.float32, "dense", torch.float32, dynamic=True),
     Specialization(torch.float32, "dense", torch.float32, dynamic=False),
@@ -69,6 +72,7 @@ SPECS = [
     Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats"),
     Specialization(torch.bfloat16),
     Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", vocab_size=triton_aot.ODD_VOCAB),
+    Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", vocab_size=triton_aot.ODD_VOCAB),
 ]
 
 # the SM of sm_90 (H100 SXM/PCIe and H200 alike) and sm_80 (A100)
@@ -132,11 +136,12 @@ MIN_WARPS_PER_SM = 32  # half of the 64 warp slots
 
 
 def choose(rows: list[dict]) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) by the rule in the module docstring: no spill in any specialization, at least
-    MIN_WARPS_PER_SM in each, then the widest block, then the fewer warps."""
+    """(BLOCK_V, num_warps) by the rule in the module docstring: on CHOICE_ARCH, no spill in any
+    specialization, at least MIN_WARPS_PER_SM in each, then the widest block, then the fewer warps."""
     qualified = []
     for block_v, num_warps in CANDIDATES:
-        mine = [row for row in rows if (row["block_v"], row["num_warps"]) == (block_v, num_warps)]
+        key = (f"sm_{CHOICE_ARCH}", block_v, num_warps)
+        mine = [row for row in rows if (row["arch"], row["block_v"], row["num_warps"]) == key]
         spills = any(row[key] for row in mine for key in ("spill_stores", "spill_loads", "local_bytes", "stack_bytes"))
         if not spills and min(row["warps_per_sm"] for row in mine) >= MIN_WARPS_PER_SM:
             qualified.append((block_v, -num_warps))
@@ -154,9 +159,9 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
         "(not a speed measurement). Registers per thread and spills from `ptxas -v`, shared memory from Triton's "
         "metadata, warps per SM by the occupancy formula in the script's docstring (64 = full occupancy).",
         "",
-        f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: no spills in any specialization, at least "
-        f"{MIN_WARPS_PER_SM} warps per SM in each, on both targets, then the widest block, then the fewer warps "
-        "(the rule and the "
+        f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: on sm_{CHOICE_ARCH}, no spills in any "
+        f"specialization, at least {MIN_WARPS_PER_SM} warps per SM in each, then the widest block, then the fewer "
+        "warps; the sm_80 rows are for reference (the rule and the "
         "formula are in the script's docstring). `spill st/ld` are ptxas's spill stores/loads in bytes per thread, "
         "`stack` the stack frame; `steps` the loop steps over the row at that V.",
         "",

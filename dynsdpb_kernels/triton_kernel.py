@@ -28,9 +28,9 @@ from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buf
 TAIL_FLOOR = tl.constexpr(1e-6)
 
 # Largest vocabulary block of one loop step, and vocabulary entries per thread (and live operand): the
-# widest block that spills in no specialization and keeps at least 32 of the 64 warp slots resident in
-# each, on sm_90 and sm_80, is 1024 at 8 warps (bench/triton_resources.md: 32-48 registers per thread).
-MAX_BLOCK_V = 1024
+# widest block that spills in no specialization on sm_90 (H100/H200) and keeps at least 32 of its 64 warp
+# slots resident in each is 2048 at 16 warps (bench/triton_resources.md: 32-52 registers per thread).
+MAX_BLOCK_V = 2048
 ELEMENTS_PER_THREAD = 4
 
 
