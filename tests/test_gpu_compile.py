@@ -1,8 +1,9 @@
 """The Triton kernel compiles for real GPUs, checked on a machine without one.
 
 For sm_80 (A100) and sm_90 (H100/H200), triton.compile runs the whole GPU pipeline (Triton IR, LLVM IR,
-PTX, and the cubin from the ptxas inside Triton) on each launch triton_kernel.triton_fused_rows makes, at the
-block width and warps the launcher picks for a large vocabulary, and every compile error fails a test.
+PTX, and the cubin from the ptxas inside Triton) on each launch triton_kernel.triton_fused_rows makes, at
+the block width and warps the launcher picks for a large vocabulary, and every compile error fails a test,
+as does a spill on sm_90 (the target the block width was chosen for).
 The specializations (dynsdpb_kernels/triton_aot.py): on sm_90 every combination of the kernel's flags
 (teacher none / dense / dense with statistics / top-k / top-k with tail; record none / rows / statistics;
 dynamic; gradient) in bfloat16; on both targets a set holding every pair of values of those factors and of
