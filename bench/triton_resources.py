@@ -72,7 +72,6 @@ SPECS = [
     Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats"),
     Specialization(torch.bfloat16),
     Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", vocab_size=triton_aot.ODD_VOCAB),
-    Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", vocab_size=triton_aot.ODD_VOCAB),
 ]
 
 # the SM of sm_90 (H100 SXM/PCIe and H200 alike) and sm_80 (A100)
