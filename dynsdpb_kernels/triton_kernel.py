@@ -15,6 +15,8 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU ten
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,9 +27,11 @@ from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
 
-# Largest vocabulary block one program holds in registers. 4096 float32 per operand keeps several
-# live blocks (z, t, P, Q, gradient) within the register file at 8 warps.
-MAX_BLOCK_V = 4096
+# Largest vocabulary block of one loop step, and vocabulary entries per thread (and live operand): the
+# widest block that spills in no specialization on sm_90 (H100/H200) and keeps at least 32 of its 64 warp
+# slots resident in each is 2048 at 16 warps (bench/triton_resources.md: 32-52 registers per thread).
+MAX_BLOCK_V = 2048
+ELEMENTS_PER_THREAD = 4
 
 
 @triton.jit
@@ -100,8 +104,8 @@ def _finish_row_stats(m1, m2, s_rest, ent, inv_log_v):
 @triton.jit
 def _clamp_unit(x):
     # Clamp rounding excursions into [0, 1] while letting NaN through, so non-finite input stays visible.
-    nan_visible = tl.PropagateNan.ALL
-    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=nan_visible), 1.0, propagate_nan=nan_visible)
+    # (the enum is spelled at each call: the compiler takes it as a constant argument, not as a local variable)
+    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -326,6 +330,40 @@ def _dynsdpb_row_kernel(
     tl.store(terms + 4, tl.where(distilled, t_uncertainty, 0.0))
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """How one launch tiles a row: BLOCK_V vocabulary entries per loop step, held by num_warps warps
+    (BLOCK_V / (32 num_warps) entries per thread and live operand)."""
+
+    block_v: int
+    num_warps: int
+
+
+def block_config(vocab_size: int, block_v: int | None = None) -> BlockConfig:
+    """The launcher's choice for a vocabulary of `vocab_size`: the whole row up to MAX_BLOCK_V entries
+    (a power of two), or `block_v` when given; ELEMENTS_PER_THREAD entries per thread (1 to 16 warps)."""
+    if block_v is None:
+        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    return BlockConfig(block_v=block_v, num_warps=min(16, max(1, block_v // (32 * ELEMENTS_PER_THREAD))))
+
+
+@dataclass
+class KernelLaunch:
+    """Everything one launch of _dynsdpb_row_kernel passes (made by triton_fused_rows): the grid, the
+    runtime arguments and the constexprs by the kernel's parameter names, and the warps.
+    tests/test_gpu_compile.py compiles exactly these for GPU targets."""
+
+    grid: tuple[int]
+    arguments: dict[str, object]
+    constexprs: dict[str, object]
+    num_warps: int
+
+
+def run_launch(launch: KernelLaunch) -> None:
+    """Run `launch` on the device of its tensors (or in the interpreter)."""
+    _dynsdpb_row_kernel[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
+
+
 def triton_fused_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -340,62 +378,68 @@ def triton_fused_rows(
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
     block_v: int | None = None,
+    launcher: Callable[[KernelLaunch], None] = run_launch,
 ) -> FusedRows:
     """Launch the fused kernel; arguments and results follow contract.py (`record`: the fused ring write,
     `teacher_support` / `teacher_tail`: top-k teacher rows' vocabulary ids and tail mass).
 
     `grad_out` is the (N, V) buffer to write the gradient to (fresh when None). `block_v` overrides
-    the vocabulary block width (a power of two), which tests use to force several blocks.
+    the vocabulary block width (a power of two), which tests use to force several blocks. `launcher`
+    receives the KernelLaunch (triton_aot passes one that compiles it for a GPU target instead).
     """
     n_rows, vocab_size = logits.shape
     device = logits.device
-    row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device)
-    student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
-    grad = gradient_buffer(logits, compute_grad, grad_out)
+    outputs = FusedRows(
+        row_terms=torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype), device=device),
+        student_stats=torch.empty(n_rows, 2, dtype=torch.float32, device=device),
+        grad=gradient_buffer(logits, compute_grad, grad_out),
+    )
     if n_rows == 0:
-        return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
-
+        return outputs
     has_teacher = teacher_rows is not None and teacher_index is not None
-    if block_v is None:
-        block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab_size))
+    grad = outputs.grad
+    blocks = block_config(vocab_size, block_v)
     # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
-    placeholder = row_terms
-    _dynsdpb_row_kernel[(n_rows,)](
-        logits,
-        logits.stride(0),
-        labels,
-        teacher_rows if has_teacher else placeholder,
-        teacher_rows.stride(0) if has_teacher else 0,
-        teacher_index if has_teacher else labels,
-        teacher_stats if teacher_stats is not None else placeholder,
-        grad if grad is not None else logits,
-        grad.stride(0) if grad is not None else 0,
-        row_terms,
-        student_stats,
-        grad_scale,
-        record.index if record is not None else labels,
-        record.ring_logits if record is not None and record.ring_logits is not None else placeholder,
-        record.ring_logits.stride(0) if record is not None and record.ring_logits is not None else 0,
-        record.stats if record is not None else placeholder,
-        teacher_support if teacher_support is not None else labels,
-        teacher_support.stride(0) if teacher_support is not None else 0,
-        teacher_tail if teacher_tail is not None else placeholder,
-        teacher_support.shape[1] if teacher_support is not None else 1,
-        vocab_size,
-        config.ignore_index,
-        float(config.alpha),
-        float(config.tau),
-        1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+    placeholder = outputs.row_terms
+    arguments = dict(
+        logits_ptr=logits,
+        logits_row_stride=logits.stride(0),
+        labels_ptr=labels,
+        teacher_ptr=teacher_rows if has_teacher else placeholder,
+        teacher_row_stride=teacher_rows.stride(0) if has_teacher else 0,
+        teacher_index_ptr=teacher_index if has_teacher else labels,
+        teacher_stats_ptr=teacher_stats if teacher_stats is not None else placeholder,
+        grad_ptr=grad if grad is not None else logits,
+        grad_row_stride=grad.stride(0) if grad is not None else 0,
+        row_terms_ptr=outputs.row_terms,
+        student_stats_ptr=outputs.student_stats,
+        grad_scale_ptr=grad_scale,
+        record_index_ptr=record.index if record is not None else labels,
+        ring_ptr=record.ring_logits if record is not None and record.ring_logits is not None else placeholder,
+        ring_row_stride=record.ring_logits.stride(0) if record is not None and record.ring_logits is not None else 0,
+        ring_stats_ptr=record.stats if record is not None else placeholder,
+        support_ptr=teacher_support if teacher_support is not None else labels,
+        support_row_stride=teacher_support.stride(0) if teacher_support is not None else 0,
+        tail_ptr=teacher_tail if teacher_tail is not None else placeholder,
+        K=teacher_support.shape[1] if teacher_support is not None else 1,
+        V=vocab_size,
+        ignore_index=config.ignore_index,
+        alpha=float(config.alpha),
+        tau=float(config.tau),
+        inv_log_v=1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+    )
+    constexprs = dict(
         HAS_TEACHER=has_teacher,
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
         DYNAMIC=config.dynamic,
-        COMPUTE_GRAD=compute_grad,
+        COMPUTE_GRAD=grad is not None,
         RECORD=record is not None,
         RECORD_ROWS=record is not None and record.ring_logits is not None,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
-        BLOCK_V=block_v,
-        num_warps=8 if block_v >= 2048 else 4,
+        BLOCK_V=blocks.block_v,
     )
-    return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
+    launch = KernelLaunch(grid=(n_rows,), arguments=arguments, constexprs=constexprs, num_warps=blocks.num_warps)
+    launcher(launch)
+    return outputs
