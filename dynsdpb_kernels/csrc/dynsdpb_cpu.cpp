@@ -335,12 +335,12 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         tau_r = dynamic ? 1.0f + (static_cast<float>(tau) - 1.0f) * t_discrimination : static_cast<float>(tau);
         inv_tau = 1.0f / tau_r;
       };
+      const bool tempered_in_pass_a = distilled && (has_stats || !dynamic);
       if (distilled && has_stats) {
         t_uncertainty = stats_ptr[2 * teacher];
         t_discrimination = stats_ptr[2 * teacher + 1];
-        set_temperature();
       }
-      const bool tempered_in_pass_a = distilled && (has_stats || !dynamic);
+      if (tempered_in_pass_a) set_temperature();
 
       // Pass A: student statistics, the ring copy, the teacher's statistics, and the tempered sums when
       // tau_r is already known. offset: a constant taken out of t - z in the KL's cross term (rounding).
