@@ -23,6 +23,8 @@ from .rows import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buf
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dynsdpb_cpu.cpp"
 # The kernel reads these dtypes directly; a teacher in any other float dtype is converted first.
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Elements per block of the kernel's streamed passes: three float32 blocks per thread (24 KB) stay in L1.
+BLOCK_V = 2048
 COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
 # at::vec (ATen/cpu/vec) picks its AVX2 / AVX-512 classes from CPU_CAPABILITY_*; the -m flags let the
 # compiler emit them. These are the flags ATen builds its own AVX2 / AVX512 kernels with.
@@ -112,5 +114,6 @@ def cpu_fused_rows(
             record.stats if record is not None else None,
             teacher_support.contiguous() if teacher_support is not None else None,
             teacher_tail.float().contiguous() if teacher_tail is not None else None,
+            BLOCK_V,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)

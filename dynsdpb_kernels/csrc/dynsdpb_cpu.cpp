@@ -6,8 +6,8 @@
 // CPU capability with that capability's flags (-DCPU_CAPABILITY_AVX2 -mavx2 -mfma -mf16c, or the AVX-512
 // set), so the width does not depend on what the auto-vectoriser makes of the target.
 //
-// Memory: one OpenMP thread per row at a time, the row streamed in blocks of kBlock = 2048 elements
-// (three 8 KB float buffers per thread, in L1) with no full-length scratch: pass A folds each block into
+// Memory: one OpenMP thread per row at a time, the row streamed in blocks of `block` elements (2048 from
+// cpu_kernel.py: three 8 KB float buffers per thread, in L1) with no full-length scratch: pass A folds each block into
 // online statistics (running max, sums rescaled by exp(old max - new max) once per block), pass B (only
 // when the temperature tau_r depends on teacher statistics that are not stored) forms the tempered sums
 // and the KL with the maxima known, and pass C writes the gradient, recomputing its exponentials rather
@@ -39,7 +39,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kBlock = 2048;  // a multiple of every vector width
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Q's mass off a top-k teacher's support is taken as at least this (rows.py): below it, 1 - sum_k Q_k is
 // float32 rounding noise, and the tail bucket's gradient Q_j (1 - m / Q_tail) must stay bounded.
@@ -273,7 +272,8 @@ void gradient_block(const float* z, const float* t, int64_t n, const GradientWei
 
 // Per-thread block buffers (float32 copies of reduced-precision blocks, and the gradient block).
 struct Scratch {
-  std::vector<float> z = std::vector<float>(kBlock), t = std::vector<float>(kBlock), out = std::vector<float>(kBlock);
+  Scratch(int64_t block, int64_t top_k) : z(block), t(block), out(block), support_z(top_k), support_t(top_k) {}
+  std::vector<float> z, t, out;
   std::vector<float> support_z, support_t;  // a top-k teacher's k logits and the student's at those ids
 };
 
@@ -283,14 +283,15 @@ struct Scratch {
 // output buffer (ignored unless compute_grad; it may be the logits themselves), row_terms (N, 5) and
 // student_stats (N, 2) are filled. record_index / ring_rows / ring_stats are rows.py's RowRecord (all
 // three or none); teacher_support (R, k) makes teacher_rows (R, k) top-k teachers whose KL is taken over
-// their support.
+// their support. `block`: elements per block of the streamed passes (any positive number).
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic, int64_t ignore_index,
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
                 const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support,
-                const c10::optional<at::Tensor>& teacher_tail) {
+                const c10::optional<at::Tensor>& teacher_tail, int64_t block) {
+  TORCH_CHECK(block > 0, "dynsdpb_cpu: block must be positive, got ", block);
   const int64_t n_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const bool has_teacher = teacher_rows.has_value() && teacher_index.has_value();
@@ -314,9 +315,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    Scratch scratch;
-    scratch.support_z.resize(top_k);
-    scratch.support_t.resize(top_k);
+    Scratch scratch(block, top_k);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < n_rows; ++row) {
       const int64_t label = label_ptr[row];
@@ -347,8 +346,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       RowStats zs, ts;
       TemperedSum zq, tp;
       float offset = 0.0f;
-      for (int64_t start = 0; start < vocab; start += kBlock) {
-        const int64_t n = std::min(kBlock, vocab - start);
+      for (int64_t start = 0; start < vocab; start += block) {
+        const int64_t n = std::min(block, vocab - start);
         const float* z = load_block(logits, row, start, n, scratch.z.data());
         if (record_rows && slot >= 0) store_block(z, n, *ring_rows, slot, start);
         const float z_block_max = block_max(z, n);
@@ -383,8 +382,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         zq.max = zs.max;
         tp.max = ts.max;
         offset = finite_or_zero(ts.max - zs.max);
-        for (int64_t start = 0; start < vocab; start += kBlock) {
-          const int64_t n = std::min(kBlock, vocab - start);
+        for (int64_t start = 0; start < vocab; start += block) {
+          const int64_t n = std::min(block, vocab - start);
           const float* z = load_block(logits, row, start, n, scratch.z.data());
           const float* t = load_block(*teacher_rows, teacher, start, n, scratch.t.data());
           zq.add_block(z, n, zs.max, inv_tau);
@@ -453,8 +452,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
           if (dense_teacher) value -= weights.p_weight * std::exp((t_block[label - start] - tp.max) * inv_tau);
           return value;
         };
-        for (int64_t start = 0; start < vocab; start += kBlock) {
-          const int64_t n = std::min(kBlock, vocab - start);
+        for (int64_t start = 0; start < vocab; start += block) {
+          const int64_t n = std::min(block, vocab - start);
           const float* z = load_block(logits, row, start, n, scratch.z.data());
           const float* t = dense_teacher ? load_block(*teacher_rows, teacher, start, n, scratch.t.data()) : nullptr;
           float* out = scratch.out.data();
