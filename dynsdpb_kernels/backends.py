@@ -1,10 +1,11 @@
 """The one place that maps a backend name and a device to an implementation of the row contract.
 
     "triton"    Triton kernel: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before import
-    "cpu"       C++ kernel (csrc/), CPU tensors; built on first use, reference with a warning if it cannot be
+    "cpu"       C++ kernel (dynsdpb_kernels/csrc/), CPU tensors; built on first use, reference with a warning if it cannot be
     "reference" readable PyTorch (reference.py), any device
     "auto"      CUDA -> "triton", CPU -> "cpu", anything else -> "reference" (with a warning where the
-                chosen kernel is unavailable)
+                chosen kernel is unavailable); the environment variable DYNSDPB_BACKEND, when set to one
+                of the other names, replaces "auto" (an explicit backend argument always wins)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .reference import reference_fused_rows
 from .contract import FusedRows
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
+BACKEND_VARIABLE = "DYNSDPB_BACKEND"  # replaces backend="auto" when set
 
 RowKernel = Callable[..., FusedRows]
 
@@ -59,6 +61,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        chosen = os.environ.get(BACKEND_VARIABLE, "auto") or "auto"
+        if chosen not in BACKENDS:
+            raise ValueError(f"the environment variable {BACKEND_VARIABLE} must be one of {BACKENDS}, got {chosen!r}")
+        if chosen != "auto":
+            return resolve_backend(chosen, device)
         if device.type == "cuda":
             if _triton_rows() is not None:
                 return "triton"

@@ -1,5 +1,12 @@
-"""The C++ CPU kernel (csrc/dynsdpb_cpu.cpp): built on first use with ninja through
-torch.utils.cpp_extension.load, cached in torch's extensions folder and rebuilt when the source changes."""
+"""The C++ CPU kernel (dynsdpb_kernels/csrc/dynsdpb_cpu.cpp, shipped inside the package): built on first
+use with ninja through torch.utils.cpp_extension.load, once per CPU capability, cached in torch's
+extensions folder and rebuilt when the source changes.
+
+The capability is torch.backends.cpu.get_cpu_capability() (what ATen itself dispatches to on this machine,
+lowered by ATEN_CPU_CAPABILITY): "AVX512", "AVX2" or anything else (compiled for the baseline). Each gets
+its own extension name (dynsdpb_cpu_avx512, dynsdpb_cpu_avx2, dynsdpb_cpu_default) and that ISA's flags,
+never -march=native, so a shared extensions folder cannot hand AVX-512 code to a machine without it.
+"""
 
 from __future__ import annotations
 
@@ -13,38 +20,56 @@ import torch
 
 from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
-EXTENSION_NAME = "dynsdpb_cpu"
-SOURCE_NAME = "dynsdpb_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "dynsdpb_cpu.cpp"
 # The kernel reads these dtypes directly; a teacher in any other float dtype is converted first.
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Elements per block of the kernel's streamed passes: three float32 blocks per thread (24 KB) stay in L1.
+BLOCK_V = 2048
+COMMON_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]
+# at::vec (ATen/cpu/vec) picks its AVX2 / AVX-512 classes from CPU_CAPABILITY_*; the -m flags let the
+# compiler emit them. These are the flags ATen builds its own AVX2 / AVX512 kernels with.
+ISA_FLAGS = {
+    "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
+               "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
 
 
-def source_path() -> Path:
-    """csrc/ of a source checkout, or the copy a wheel ships inside the package."""
-    package = Path(__file__).resolve().parent
-    for folder in (package.parent / "csrc", package / "csrc"):
-        if (folder / SOURCE_NAME).is_file():
-            return folder / SOURCE_NAME
-    raise FileNotFoundError(f"{SOURCE_NAME} is neither in {package.parent / 'csrc'} nor in {package / 'csrc'}")
+def cpu_isa() -> str:
+    """The instruction set the kernel is built for here: "avx512", "avx2" or "default" (from ATen's capability)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return capability if capability in ISA_FLAGS else "default"
+
+
+def extension_name(isa: str | None = None) -> str:
+    return f"dynsdpb_cpu_{isa or cpu_isa()}"
 
 
 @functools.cache
 def load_extension() -> ModuleType:
-    """Compile (first time, about a minute) or load the extension; raises when it cannot be built."""
+    """Compile (first time, about a minute) or load the extension for this machine's ISA; raises when it cannot be built."""
     from torch.utils import cpp_extension
 
-    source = source_path()
-    build_dir = Path(cpp_extension._get_build_directory(EXTENSION_NAME, verbose=False))
-    built = next(iter(build_dir.glob(f"{EXTENSION_NAME}*.so")), None)
-    if built is None or built.stat().st_mtime < source.stat().st_mtime:
-        print(f"dynsdpb_kernels: compiling the C++ CPU kernel into {build_dir} (once, about a minute)...", file=sys.stderr)
+    isa = cpu_isa()
+    name = extension_name(isa)
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    built = next(iter(build_dir.glob(f"{name}*.so")), None)
+    if built is None or built.stat().st_mtime < SOURCE.stat().st_mtime:
+        print(f"dynsdpb_kernels: compiling the C++ CPU kernel ({isa}) into {build_dir} (once, about a minute)...", file=sys.stderr)
     return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=COMMON_FLAGS + ISA_FLAGS[isa],
         extra_ldflags=["-fopenmp"],
         verbose=os.environ.get("DYNSDPB_VERBOSE_BUILD", "0") == "1",
     )
+
+
+def build_info() -> dict[str, str | int]:
+    """The C++ kernel this process runs: {"isa", "extension", "path", "vector_lanes"} (builds it if needed)."""
+    module = load_extension()
+    return {"isa": cpu_isa(), "extension": module.__name__, "path": str(module.__file__), "vector_lanes": module.vector_lanes()}
 
 
 def cpu_fused_rows(
@@ -89,5 +114,6 @@ def cpu_fused_rows(
             record.stats if record is not None else None,
             teacher_support.contiguous() if teacher_support is not None else None,
             teacher_tail.float().contiguous() if teacher_tail is not None else None,
+            BLOCK_V,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)
