@@ -183,19 +183,32 @@ def check_values(
     are given (a non-finite logit, or teacher logit in use, makes its row's outputs non-finite: no extra
     pass over the logits), otherwise from `logits` (N, V) and the rows of `teacher_rows` that
     `teacher_index` uses. Only once the check failed are the inputs read again to name the argument at
-    fault; `logits` is None for the fused head, whose logits never exist.
+    fault; `logits` is None for the fused head, whose logits never exist. Meta tensors hold no values:
+    nothing to check.
     """
-    bad = labels_out_of_range(labels, vocab_size, ignore_index).any()
+    if labels.device.type == "meta":
+        return
+    bad_labels = labels_out_of_range(labels, vocab_size, ignore_index).any()
     has_teachers = teacher_rows is not None and teacher_index is not None
-    if has_teachers:
-        bad |= ((teacher_index < -1) | (teacher_index >= teacher_rows.shape[0])).any()
+    bad_index = ((teacher_index < -1) | (teacher_index >= teacher_rows.shape[0])).any() if has_teachers else None
     if row_terms is not None and student_stats is not None:
-        bad |= ~torch.isfinite(row_terms).all() | ~torch.isfinite(student_stats).all()
+        bad_values = ~torch.isfinite(row_terms).all() | ~torch.isfinite(student_stats).all()
     else:
         assert logits is not None, "check_values reads the logits when the kernel's outputs are not given"
-        bad |= ~torch.isfinite(logits).all()
+        bad_values = ~torch.isfinite(logits).all()
         if has_teachers:
-            bad |= ~torch.isfinite(teacher_rows.index_select(0, _used_teachers(teacher_rows, teacher_index, labels, ignore_index))).all()
+            used = _used_teachers(teacher_rows, teacher_index, labels, ignore_index)
+            bad_values |= ~torch.isfinite(teacher_rows.index_select(0, used)).all()
+    if torch.compiler.is_compiling():
+        # Traced: no host sync and no graph break. The compiled step raises where a check fails, as a
+        # RuntimeError on the CPU and as a device-side assertion on CUDA (like F.cross_entropy's own label
+        # check), without the detail that naming a row would need a sync for.
+        torch._assert_async(~bad_labels, f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}")
+        if bad_index is not None:
+            torch._assert_async(~bad_index, f"teacher_index must lie in [-1, {teacher_rows.shape[0]}), -1 meaning no teacher")
+        torch._assert_async(~bad_values, "logits or teacher logits (or hidden and weight) contain NaN or inf")
+        return
+    bad = bad_labels | bad_values if bad_index is None else bad_labels | bad_index | bad_values
     if bad.item():
         _raise_for_bad_values(labels, vocab_size, ignore_index, logits, teacher_rows, teacher_index, row_terms, student_stats)
         raise FloatingPointError("the DynSDPB loss produced non-finite values from finite inputs")

@@ -11,8 +11,8 @@ import torch
 
 from .checks import check_device, check_float, check_integer, check_logits, check_tensor
 from .contract import DistillConfig, LossOptions, Teachers
-from .fused_linear import FusedLinearDynSDPBFunction
-from .loss import DynSDPBLossFunction, LossStats, as_rows, fused_loss, loss_stats, row_counts
+from .fused_linear import fused_linear_loss_with_grad
+from .loss import LossStats, dynsdpb_loss_with_grad, as_rows, fused_loss, loss_stats, row_counts
 
 
 def teacher_index_from_mask(teacher_mask: torch.Tensor | None, leading_shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -121,7 +121,7 @@ def dynsdpb_loss(
     )
     labels_1d = labels.reshape(-1).long()
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, row_terms, _ = DynSDPBLossFunction.apply(logits_2d, labels_1d, teacher_rows, teacher_index, None, options)
+        loss, row_terms = dynsdpb_loss_with_grad(logits_2d, labels_1d, teacher_rows, teacher_index, None, options)
     else:
         loss, per_row = fused_loss(logits_2d, labels_1d, teacher_rows, teacher_index, None, options, compute_grad=False)
         row_terms = per_row.row_terms
@@ -182,7 +182,7 @@ def fused_linear_dynsdpb_loss(
         backend=backend,
         validate=validate,
     )
-    loss, _ = FusedLinearDynSDPBFunction.apply(
-        hidden_2d, weight, bias, labels_1d, teachers, options, None, None, chunk_size, accum_dtype
+    loss, _ = fused_linear_loss_with_grad(
+        hidden_2d, weight, bias, labels_1d, teachers, options, chunk_size=chunk_size, accum_dtype=accum_dtype
     )
     return loss

@@ -22,7 +22,7 @@ import torch
 
 from .checks import check_linear_head, check_options, check_values
 from .contract import N_ROW_TERMS, LossOptions, RowRecord, Teachers, row_terms_dtype
-from .loss import fused_loss, mean_grad_scale
+from .loss import check_single_backward, fused_loss, mean_grad_scale, scale_saved_grad
 
 # The chunk of logits a call may hold at once when chunk_size is not given: small on the CPU, where a
 # chunk of a few hundred rows already keeps the cores busy, larger on a GPU, which needs thousands of
@@ -131,7 +131,7 @@ class FusedLinearDynSDPBFunction(torch.autograd.Function):
 
     apply(hidden (N, H), weight (V, H), bias (V,) | None, labels (N,), teachers: Teachers,
           options: LossOptions, record: RowRecord | None, grad_scale (2,) | None, chunk_size: int | None,
-          accum_dtype: torch.dtype | None) -> (loss, row_terms (N, 5))
+          accum_dtype: torch.dtype | None) -> (loss, row_terms (N, 5), student_stats (N, 2))
 
     The gradients are computed in forward; backward scales them by grad_output (in place, so one
     backward per forward) and returns them in the inputs' dtypes.
@@ -144,24 +144,45 @@ class FusedLinearDynSDPBFunction(torch.autograd.Function):
             hidden, weight, bias, labels, teachers, options, compute_grad=compute_grad, record=record,
             grad_scale=grad_scale, chunk_size=chunk_size, accum_dtype=accum_dtype,
         )
-        ctx.mark_non_differentiable(result.row_terms)
+        ctx.mark_non_differentiable(result.row_terms, result.student_stats)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.backward_done = False
         if compute_grad:
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
-        return result.loss, result.row_terms
+        return result.loss, result.row_terms, result.student_stats
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_row_terms):
-        if ctx.backward_done:
-            raise RuntimeError("FusedLinearDynSDPBFunction scales its saved gradients in place: one backward per forward")
-        ctx.backward_done = True
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            if grad is not None:
-                if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
-                    grad.mul_(grad_loss)
-                grad = grad.to(dtype)
-            grads.append(grad)
-        grad_hidden, grad_weight, grad_bias = grads
+    def backward(ctx, grad_loss, _grad_row_terms, _grad_student_stats):
+        check_single_backward(ctx, "FusedLinearDynSDPBFunction")
+        grad_hidden, grad_weight, grad_bias = (
+            scale_saved_grad(grad, grad_loss).to(dtype) if grad is not None else None
+            for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        )
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def fused_linear_loss_with_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    teachers: Teachers,
+    options: LossOptions,
+    record: RowRecord | None = None,
+    grad_scale: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FusedLinearDynSDPBFunction.apply -> (loss, row_terms), with validate=True's check (one host sync,
+    on the kernel's per-row outputs) after the Function rather than inside it: under torch.compile it is
+    then the step's one graph break (loss.dynsdpb_loss_with_grad)."""
+    loss, row_terms, student_stats = FusedLinearDynSDPBFunction.apply(
+        hidden, weight, bias, labels, teachers, replace(options, validate=False), record, grad_scale, chunk_size,
+        accum_dtype,
+    )  # fmt: skip
+    if options.validate:
+        check_values(
+            labels, weight.shape[0], options.distill.ignore_index, teacher_rows=teachers.logits,
+            teacher_index=teachers.index, row_terms=row_terms, student_stats=student_stats,
+        )  # fmt: skip
+    return loss, row_terms

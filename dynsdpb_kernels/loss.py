@@ -22,11 +22,11 @@ logits the same row got one step earlier, detached):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .backends import row_kernel
+from . import ops
 from .checks import check_contract, check_options, check_values
 from .contract import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord
 
@@ -162,8 +162,7 @@ def fused_loss(
 
     if record is not None and record.topk is not None:  # a top-k ring: before the logits can be overwritten
         write_topk_record(logits.detach(), record, config)
-    kernel = row_kernel(options.backend, logits.device)
-    rows = kernel(
+    rows = ops.fused_rows(
         logits,
         labels,
         teacher_rows,
@@ -176,6 +175,7 @@ def fused_loss(
         record=record,
         teacher_support=teacher_support,
         teacher_tail=teacher_tail,
+        backend=options.backend,
     )
     if inplace:
         # The logits now hold the gradient: bump their version so that autograd refuses to use them
@@ -247,18 +247,72 @@ class DynSDPBLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_row_terms, _grad_student_stats):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "DynSDPBLossFunction scales its saved gradient in place, so it supports one backward per "
-                "forward; run the loss forward again to backward a second time"
-            )
-        ctx.backward_done = True
+        check_single_backward(ctx, "DynSDPBLossFunction")
         (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad.mul_(grad_loss.reshape(-1, 1))
-        elif grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # reading a CPU scalar costs no sync
-            grad.mul_(grad_loss)
+        grad = scale_saved_grad(grad, grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss)
         return grad, None, None, None, None, None, None, None, None, None
+
+
+def dynsdpb_loss_with_grad(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_rows: torch.Tensor | None,
+    teacher_index: torch.Tensor | None,
+    teacher_stats: torch.Tensor | None,
+    options: LossOptions,
+    record: RowRecord | None = None,
+    grad_scale: torch.Tensor | None = None,
+    teacher_support: torch.Tensor | None = None,
+    teacher_tail: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynSDPBLossFunction.apply -> (loss, row_terms), with validate=True's check around the Function.
+
+    The check (one host sync) runs before the Function when the kernel overwrites the logits
+    (inplace_grad), after it otherwise, on the kernel's per-row outputs. Kept outside the Function so that
+    under torch.compile it is the step's one graph break: a break inside an autograd.Function's forward
+    would push the whole Function out of the graph.
+    """
+    config = options.distill
+    check = dict(teacher_rows=teacher_rows, teacher_index=teacher_index)
+    if options.validate and options.inplace_grad:
+        check_values(labels, logits.shape[1], config.ignore_index, logits=logits, **check)
+    loss, row_terms, student_stats = DynSDPBLossFunction.apply(
+        logits, labels, teacher_rows, teacher_index, teacher_stats, replace(options, validate=False),
+        record, grad_scale, teacher_support, teacher_tail,
+    )  # fmt: skip
+    if options.validate and not options.inplace_grad:
+        check_values(
+            labels, logits.shape[1], config.ignore_index, logits=logits, row_terms=row_terms,
+            student_stats=student_stats, **check,
+        )  # fmt: skip
+    return loss, row_terms
+
+
+def check_single_backward(ctx, name: str) -> None:
+    """Refuse a second backward through a Function whose saved gradients scale_saved_grad scaled in place.
+    A compiled graph scales out of place and so needs no such guard (and cannot keep one)."""
+    if torch.compiler.is_compiling():
+        return
+    if ctx.backward_done:
+        raise RuntimeError(
+            f"{name} scales its saved gradient in place, so it supports one backward per forward; "
+            "run the loss forward again to backward a second time"
+        )
+    ctx.backward_done = True
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad * grad_output for a gradient computed in forward.
+
+    Eager: in place (no second (N, V) buffer), and skipped for a CPU grad_output of 1, which is free to
+    read. Under torch.compile: out of place, since a traced graph can neither branch on grad_output's
+    value nor mutate a saved tensor (Inductor reuses the buffer where it can).
+    """
+    if torch.compiler.is_compiling():
+        return grad * grad_output
+    if grad_output.device.type != "cpu" or grad_output.numel() != 1 or float(grad_output) != 1.0:
+        grad.mul_(grad_output)
+    return grad
 
 
 def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConfig) -> torch.Tensor:

@@ -17,8 +17,8 @@ from torch import nn
 
 from .checks import check_device, check_integer, check_logits, check_options, check_positive_int, check_tensor
 from .contract import DistillConfig, LossOptions, RowRecord, Teachers
-from .fused_linear import FusedLinearDynSDPBFunction, fused_linear_loss
-from .loss import DynSDPBLossFunction, LossStats, as_rows, fused_loss, loss_stats, row_counts
+from .fused_linear import fused_linear_loss, fused_linear_loss_with_grad
+from .loss import LossStats, dynsdpb_loss_with_grad, as_rows, fused_loss, loss_stats, row_counts
 from .ring import RECORD_POLICIES, RingLookup, TeacherRing
 
 
@@ -261,7 +261,7 @@ class DynSDPBLoss(RingLoss):
         arguments = (logits_2d, step.labels, teachers.logits, teachers.index, teachers.stats, self.options)
         topk_arguments = (teachers.support, teachers.tail)
         if torch.is_grad_enabled() and logits_2d.requires_grad:
-            loss, row_terms, _ = DynSDPBLossFunction.apply(*arguments, step.record, step.grad_scale, *topk_arguments)
+            loss, row_terms = dynsdpb_loss_with_grad(*arguments, step.record, step.grad_scale, *topk_arguments)
         else:
             loss, per_row = fused_loss(*arguments, False, step.record, step.grad_scale, *topk_arguments)
             row_terms = per_row.row_terms
@@ -316,7 +316,7 @@ class FusedLinearDynSDPBLoss(RingLoss):
         arguments = (hidden_2d, weight, bias, step.labels, step.teachers, self.options)
         needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
         if torch.is_grad_enabled() and needs_grad:
-            loss, row_terms = FusedLinearDynSDPBFunction.apply(
+            loss, row_terms = fused_linear_loss_with_grad(
                 *arguments, step.record, step.grad_scale, self.chunk_size, self.accum_dtype
             )
         else:

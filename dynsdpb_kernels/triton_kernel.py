@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
@@ -361,7 +362,9 @@ class KernelLaunch:
 
 def run_launch(launch: KernelLaunch) -> None:
     """Run `launch` on the device of its tensors (or in the interpreter)."""
-    _dynsdpb_row_kernel[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
+    # wrap_triton: inside the dynsdpb::triton_fused_rows operator (ops.py) Inductor traces this launch and
+    # sees the kernel; called eagerly it launches as usual.
+    wrap_triton(_dynsdpb_row_kernel)[launch.grid](**launch.arguments, **launch.constexprs, num_warps=launch.num_warps)
 
 
 def triton_fused_rows(

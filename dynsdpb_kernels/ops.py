@@ -1,0 +1,147 @@
+"""The row contract (contract.py) as torch.library operators, so that torch.compile captures a step whole.
+
+One schema serves every backend:
+
+    dynsdpb::fused_rows(logits, labels, teacher_rows?, teacher_index?, teacher_stats?, teacher_support?,
+                        teacher_tail?, grad_scale, grad_out(a!)?, record_index?, record_rows(b!)?,
+                        record_stats(c!)?, alpha, tau, dynamic, ignore_index, compute_grad, backend)
+        -> (row_terms (N, 5), student_stats (N, 2), grad (N, V) or (0,))
+
+    dynsdpb::fused_rows          custom_op around backends.row_kernel: the C++ kernel on CPU tensors, the
+                                 reference elsewhere (opaque to the compiler, which calls it as one node)
+    dynsdpb::triton_fused_rows   triton_op around the Triton launcher, whose launch goes through
+                                 wrap_triton, so that Inductor sees the Triton kernel itself
+
+The optional outputs of the Python contract travel as empty tensors: the gradient is (0,) when
+compute_grad is False or when it was written into grad_out (the in-place mode), because an operator's
+output may not alias its inputs. The fake implementation gives the output shapes without running
+anything; it serves FakeTensor tracing and meta tensors alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend, row_kernel, triton_interpreted
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, row_terms_dtype
+
+MUTATED = ("grad_out", "record_rows", "record_stats")
+
+
+def _run_row_kernel(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_rows: Tensor | None,
+    teacher_index: Tensor | None,
+    teacher_stats: Tensor | None,
+    teacher_support: Tensor | None,
+    teacher_tail: Tensor | None,
+    grad_scale: Tensor,
+    grad_out: Tensor | None,
+    record_index: Tensor | None,
+    record_rows: Tensor | None,
+    record_stats: Tensor | None,
+    alpha: float,
+    tau: float,
+    dynamic: bool,
+    ignore_index: int,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both operators' body: unpack the flat schema into the Python contract and run `backend`'s kernel."""
+    config = DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index)
+    record = RowRecord(record_index, record_rows, record_stats) if record_index is not None else None
+    rows = row_kernel(backend, logits.device)(
+        logits,
+        labels,
+        teacher_rows,
+        teacher_index,
+        teacher_stats,
+        config,
+        grad_scale,
+        compute_grad,
+        grad_out=grad_out,
+        record=record,
+        teacher_support=teacher_support,
+        teacher_tail=teacher_tail,
+    )
+    grad = rows.grad if rows.grad is not None and grad_out is None else logits.new_empty(0)
+    return rows.row_terms, rows.student_stats, grad
+
+
+fused_rows_op = torch.library.custom_op("dynsdpb::fused_rows", _run_row_kernel, mutates_args=MUTATED)
+
+
+def _fake_fused_rows(logits: Tensor, labels: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
+    grad_out, compute_grad = args[6], args[14]
+    n_rows = logits.shape[0]
+    row_terms = logits.new_empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype))
+    student_stats = logits.new_empty(n_rows, 2, dtype=torch.float32)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad and grad_out is None else logits.new_empty(0)
+    return row_terms, student_stats, grad
+
+
+fused_rows_op.register_fake(_fake_fused_rows)
+
+try:
+    import triton  # noqa: F401  (the Triton operator exists only where Triton does)
+except ImportError:
+    triton_fused_rows_op = None
+else:
+    triton_fused_rows_op = torch.library.triton_op("dynsdpb::triton_fused_rows", _run_row_kernel, mutates_args=MUTATED)
+
+
+# The backend is resolved once per (name, device) at trace time: a constant for the compiler, which would
+# otherwise trace into the cached kernel loaders.
+_resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
+_triton_interpreted = torch.compiler.assume_constant_result(triton_interpreted)
+
+
+def fused_rows(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_rows: Tensor | None,
+    teacher_index: Tensor | None,
+    teacher_stats: Tensor | None,
+    config: DistillConfig,
+    grad_scale: Tensor,
+    compute_grad: bool,
+    grad_out: Tensor | None = None,
+    record: RowRecord | None = None,
+    teacher_support: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
+    backend: str = "auto",
+) -> FusedRows:
+    """The row contract (contract.py) through the operator of `backend` on logits' device; same arguments and
+    results as the backends' own functions, plus the backend's name."""
+    name = _resolve_backend(backend, logits.device)
+    # Under Triton's CPU interpreter the kernel is no JITFunction that wrap_triton can trace, so it runs
+    # inside the opaque operator instead (the same launcher, the same results).
+    traceable_triton = name == "triton" and not _triton_interpreted()
+    op = torch.ops.dynsdpb.triton_fused_rows if traceable_triton else torch.ops.dynsdpb.fused_rows
+    row_terms, student_stats, grad = op(
+        logits,
+        labels,
+        teacher_rows,
+        teacher_index,
+        teacher_stats,
+        teacher_support,
+        teacher_tail,
+        grad_scale,
+        grad_out,
+        record.index if record is not None else None,
+        record.ring_logits if record is not None else None,
+        record.stats if record is not None else None,
+        float(config.alpha),
+        float(config.tau),
+        bool(config.dynamic),
+        int(config.ignore_index),
+        compute_grad,
+        name,
+    )
+    if not compute_grad:
+        grad = None
+    elif grad_out is not None:
+        grad = grad_out
+    return FusedRows(row_terms=row_terms, student_stats=student_stats, grad=grad)
