@@ -7,10 +7,12 @@
    the logits' dtype), with ignored rows, rows without a teacher and dynamic alpha/tau.
 2. The ring and the fused head on CUDA: DynSDPBLoss (dense and top-k ring) and FusedLinearDynSDPBLoss
    over three DLB steps against the same modules on the reference backend.
-3. `dynsdpb bench` at N = 4096: ours vs eager vs torch.compile vs Liger (CE + KL), forward+backward,
+3. The Triton operator: torch.library.opcheck on dynsdpb::triton_fused_rows, and a step compiled by
+   Inductor with fullgraph=True (one graph, eager's loss and gradient).
+4. `dynsdpb bench` at N = 4096: ours vs eager vs torch.compile vs Liger (CE + KL), forward+backward,
    with peak memory and bandwidth against the device copy bandwidth; results appended to
    bench/results.csv.
-4. `dynsdpb bench-head` at N = 8192, V = 128256, H = 4096, bfloat16: fused head + top-k ring vs dense
+5. `dynsdpb bench-head` at N = 8192, V = 128256, H = 4096, bfloat16: fused head + top-k ring vs dense
    ring vs eager vs Liger's fused linear cross-entropy + KL. The short table is printed last.
 """
 
@@ -84,6 +86,36 @@ def check_modules() -> bool:
     return ok
 
 
+def check_compiled_operator() -> bool:
+    torch.manual_seed(0)
+    n_rows, hidden_size, vocab_size = 512, 256, 32000
+    hidden = torch.randn(n_rows, hidden_size, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(vocab_size, hidden_size, device="cuda") / hidden_size**0.5).to(torch.bfloat16)
+    labels = torch.randint(0, vocab_size, (n_rows,), device="cuda")
+    teacher = (hidden @ weight.T).float() + torch.randn(n_rows, vocab_size, device="cuda")
+    grad_scale = torch.full((2,), 1.0 / n_rows, device="cuda")
+    index = torch.arange(n_rows, device="cuda")
+    arguments = (hidden @ weight.T, labels, teacher, index, None, None, None, grad_scale, None, None, None, None,
+                 1.0, 3.0, True, -100, True, "triton")
+    torch.library.opcheck(torch.ops.dynsdpb.triton_fused_rows, arguments)
+
+    def step(weight):
+        return dynsdpb_loss(hidden @ weight.T, labels, teacher, validate=False, backend="triton")
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaf = weight.detach().clone().requires_grad_(True)
+        loss = fn(leaf)
+        loss.backward()
+        results.append((loss.detach().float(), leaf.grad.float()))
+    loss_error = float((results[1][0] - results[0][0]).abs() / results[0][0].abs())
+    grad_error = float((results[1][1] - results[0][1]).abs().max() / results[0][1].abs().max())
+    ok = loss_error < 1e-5 and grad_error < 1e-2
+    print(f"compiled triton operator: opcheck passed, loss rel err {loss_error:.1e}, grad rel err {grad_error:.1e} "
+          f"({'ok' if ok else 'FAILED'})")
+    return ok
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -91,6 +123,7 @@ def main() -> int:
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     ok = check_correctness()
     ok &= check_modules()
+    ok &= check_compiled_operator()
     results = run_grid(
         [4096], [32000, 128256], ["bfloat16", "float32"], ["full"], ["ours", "eager", "compile", "liger"],
         "cuda", repeats=10, csv_path=Path(__file__).resolve().parent / "results.csv",
