@@ -10,8 +10,14 @@ start + length - 1. An entry is live while it lies within the last `capacity_row
 P = C + reserve: the reserve (at least the rows of the largest call) is where one call writes. A call
 writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C .. head - 1,
 so a write never touches a live entry, whatever the call reads as teachers in the same kernel launch;
-and a call that fails before `commit` leaves every live entry as it was. The bookkeeping runs on the
-device (no host sync per step): the per-sample tables `_start` / `_length` are indexed by sample id.
+and a call that fails before `commit` leaves every live entry as it was.
+
+Entry table. Every live entry holds at least one row and the live rows are C distinct positions, so at
+most C entries are live. The table is three (C,) int64 tensors on the ring's device, sorted by sample id:
+`_ids`, `_start`, `_length`; its live entries come first, the free tail holds id 2^63 - 1 and start -1.
+A lookup is a `torch.searchsorted` of the batch's ids; a commit merges the batch's new entries into the
+live ones, drops the consumed and evicted ones and sorts again (C + B keys). Memory is bounded by the
+capacity, whatever the magnitude of the sample ids (any int64 >= 0), and nothing syncs with the host.
 
 Storage. "dense" keeps whole rows (P, V). "topk" keeps the k largest logits of each row (P, k) and their
 vocabulary ids `support` (P, k), with (u, d) still computed on the full row; the kernel then takes the
@@ -24,6 +30,7 @@ entry. A sample whose number of valid rows differs from its entry's length gets 
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +41,7 @@ from .contract import RowRecord, TopkRecord
 RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
 RING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FREE_ID = torch.iinfo(torch.int64).max  # id of a free table slot (sorts after every live id)
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,8 @@ class RingLookup:
     has_teacher:   (B,) bool, the sample's entry was live and its length matched.
     mismatched:    (B,) bool, the sample's entry was live but its length differed (no teacher).
     recorded_rows: 0-d int64, rows this call writes.
-    The rest is the new state of the B samples' entries and of head, applied by commit.
+    The rest is the new state of the B samples' entries and of head, applied by commit; table_position
+    (B,) is where each id was searched in the entry table and found (B,) whether it had a live entry there.
     """
 
     teacher_index: torch.Tensor
@@ -57,6 +66,8 @@ class RingLookup:
     new_start: torch.Tensor
     new_length: torch.Tensor
     new_head: torch.Tensor
+    table_position: torch.Tensor
+    found: torch.Tensor
     generation: int
 
 
@@ -74,9 +85,11 @@ class TeacherRing:
         storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
         k: entries kept per row with storage="topk".
 
-    Memory: (C + reserve) * V * dtype bytes for dense rows, or (C + reserve) * k * (dtype + 8) bytes for
-    top-k rows, plus 8 bytes per row for (u, d) and 16 bytes per distinct sample id for the entry table
-    (`nbytes`).
+    Memory (`nbytes`, exact), with P = C + reserve:
+        dense: P * (V * dtype + 8) + 24 * C + 8 bytes
+        topk:  P * (k * (dtype + 8) + 4 + 8) + 24 * C + 8 bytes
+    (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
+    triples; head), independent of how many distinct sample ids were seen and of their magnitude.
     """
 
     def __init__(
@@ -110,6 +123,7 @@ class TeacherRing:
         self.support: torch.Tensor | None = torch.empty(0, self.k, dtype=torch.int64) if storage == "topk" else None
         self.tail: torch.Tensor | None = torch.empty(0, dtype=torch.float32) if storage == "topk" else None
         self.stats = torch.empty(0, 2, dtype=torch.float32)
+        self._ids = torch.empty(0, dtype=torch.int64)  # entry table (C,) each, made on the device by _allocate
         self._start = torch.empty(0, dtype=torch.int64)
         self._length = torch.empty(0, dtype=torch.int64)
         self._head = torch.zeros((), dtype=torch.int64)
@@ -126,8 +140,11 @@ class TeacherRing:
             self.support = torch.zeros(physical, self.k, dtype=torch.int64, device=device)
             self.tail = torch.zeros(physical, dtype=torch.float32, device=device)
         self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
-        self._start = self._start.to(device)
-        self._length = self._length.to(device)
+        if self._ids.shape[0] != self.capacity_rows:
+            self._ids = torch.full((self.capacity_rows,), FREE_ID, dtype=torch.int64, device=device)
+            self._start = torch.full((self.capacity_rows,), -1, dtype=torch.int64, device=device)
+            self._length = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
+        self._ids, self._start, self._length = (t.to(device) for t in (self._ids, self._start, self._length))
         self._head = self._head.to(device)
 
     @property
@@ -139,7 +156,7 @@ class TeacherRing:
         """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
         device = torch.device(device)
         self.device = device
-        for name in ("rows", "support", "tail", "stats", "_start", "_length", "_head"):
+        for name in ("rows", "support", "tail", "stats", "_ids", "_start", "_length", "_head"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         self._generation += 1
@@ -164,31 +181,34 @@ class TeacherRing:
             self.tail[new_slots] = old_tail[old_slots]
         self._generation += 1
 
-    def _grow_table(self, size: int) -> None:
-        grow = size - self._start.shape[0]
-        if grow > 0:
-            size = max(size, 2 * self._start.shape[0])  # amortised growth
-            grow = size - self._start.shape[0]
-            self._start = torch.cat([self._start, self._start.new_full((grow,), -1)])
-            self._length = torch.cat([self._length, self._length.new_zeros(grow)])
-
     # -- public state --------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        """Bytes held on the device: rows, (u, d) statistics and the per-sample entry table."""
-        held = (self.rows, self.support, self.tail, self.stats, self._start, self._length)
+        """Bytes held on the device, exactly: every tensor of the ring (rows, top-k ids and tail, (u, d)
+        statistics, the entry table and head); see the class docstring for the formula."""
+        held = (self.rows, self.support, self.tail, self.stats, self._ids, self._start, self._length, self._head)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
-
-    def _live(self) -> torch.Tensor:
-        return (self._start >= 0) & (self._start >= self._head - self.capacity_rows)
 
     def __len__(self) -> int:
         """Number of samples with a live entry (reads a device value: one sync)."""
-        return int(self._live().sum())
+        return int((self._start >= 0).sum())
 
     def __contains__(self, sample_id: int) -> bool:
-        return 0 <= sample_id < self._start.shape[0] and bool(self._live()[sample_id])
+        return self._table_position(sample_id) is not None
+
+    def _table_position(self, sample_id: int) -> int | None:
+        """Index of a sample's live entry in the table (one sync), None when it has none."""
+        try:
+            sample_id = operator.index(sample_id)
+        except TypeError:
+            return None
+        if not 0 <= sample_id < FREE_ID or self._ids.numel() == 0:
+            return None
+        key = torch.tensor([sample_id], dtype=torch.int64, device=self._ids.device)
+        position = torch.searchsorted(self._ids, key).clamp_max(self._ids.shape[0] - 1)
+        found = bool((self._ids[position] == key).logical_and(self._start[position] >= 0))
+        return int(position) if found else None
 
     def teacher(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none. With top-k
@@ -202,13 +222,15 @@ class TeacherRing:
         return None if slots is None or self.support is None else self.support[slots].clone()
 
     def _slots_of(self, sample_id: int) -> torch.Tensor | None:
-        if sample_id not in self:
+        position = self._table_position(sample_id)
+        if position is None:
             return None
-        start, length = int(self._start[sample_id]), int(self._length[sample_id])
+        start, length = int(self._start[position]), int(self._length[position])
         return torch.arange(start, start + length, device=self.device) % self.physical_rows
 
     def clear(self) -> None:
         """Forget every entry (storage stays allocated)."""
+        self._ids.fill_(FREE_ID)
         self._start.fill_(-1)
         self._length.zero_()
         self._head.zero_()
@@ -221,12 +243,12 @@ class TeacherRing:
 
     def state_dict(self) -> dict:
         """Everything needed to continue with exactly the same teachers, independent of the physical
-        layout: the rows of the last capacity_rows positions in order, the entry table trimmed after
-        its last entry, and head (tensors copied to the CPU; reads head, one sync)."""
+        layout: the rows of the last capacity_rows positions in order, the live entries (sample id,
+        absolute start position, length) sorted by sample id, and head (tensors copied to the CPU;
+        reads head and the entry count, syncs)."""
         positions = self._live_positions()
         slots = positions % max(self.physical_rows, 1)
-        used = (self._start >= 0).nonzero()
-        table_size = int(used.max()) + 1 if used.numel() else 0
+        n_entries = len(self)  # the live entries are the table's first ones
         return {
             "vocab_size": self.vocab_size,
             "capacity_rows": self.capacity_rows,
@@ -236,13 +258,15 @@ class TeacherRing:
             "rows": self.rows[slots].cpu(),
             **({"support": self.support[slots].cpu(), "tail": self.tail[slots].cpu()} if self.support is not None else {}),
             "stats": self.stats[slots].cpu(),
-            "start": self._start[:table_size].cpu(),
-            "length": self._length[:table_size].cpu(),
+            "entry_ids": self._ids[:n_entries].cpu(),
+            "entry_start": self._start[:n_entries].cpu(),
+            "entry_length": self._length[:n_entries].cpu(),
             "head": self._head.cpu(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict; vocab_size, capacity_rows and dtype must match this ring's."""
+        """Restore a state_dict; vocab_size, capacity_rows and dtype must match this ring's. Also reads the
+        earlier format whose `start` / `length` tables were indexed by sample id."""
         for key, mine in (("vocab_size", self.vocab_size), ("capacity_rows", self.capacity_rows)):
             if state[key] != mine:
                 raise ValueError(f"state_dict has {key}={state[key]} but this ring has {key}={mine}")
@@ -265,8 +289,14 @@ class TeacherRing:
             self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
             self.tail[slots] = state["tail"].to(device=self.device, dtype=torch.float32)
         self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
-        self._start = state["start"].to(device=self.device, dtype=torch.int64, copy=True)
-        self._length = state["length"].to(device=self.device, dtype=torch.int64, copy=True)
+        ids, start, length = _state_entries(state, head, self.capacity_rows)
+        n_entries = ids.shape[0]
+        self._ids.fill_(FREE_ID)
+        self._start.fill_(-1)
+        self._length.zero_()
+        self._ids[:n_entries] = ids.to(self.device)
+        self._start[:n_entries] = start.to(self.device)
+        self._length[:n_entries] = length.to(self.device)
         self._generation += 1
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
@@ -304,16 +334,16 @@ class TeacherRing:
         n_rows = valid.numel()
         if n_rows > self._reserve:
             self._grow_reserve(n_rows)  # layout only: live entries keep their contents
-        if ids_host.numel():
-            self._grow_table(int(ids_host.max()) + 1)
 
         ids = ids_host.to(self.device, non_blocking=True)
         physical = self.physical_rows
-        start = self._start[ids]
-        length = self._length[ids]
+        # the table is sorted by id with its free slots last: the first position whose id is >= the key
+        table_position = torch.searchsorted(self._ids, ids).clamp_max(self.capacity_rows - 1)
+        live = (self._ids[table_position] == ids) & (self._start[table_position] >= 0)
+        start = torch.where(live, self._start[table_position], -1)
+        length = torch.where(live, self._length[table_position], 0)
         count = valid.sum(1)
         order = valid.cumsum(1) - 1  # k for the k-th valid row of each sample
-        live = (start >= 0) & (start >= self._head - self.capacity_rows)
         has_teacher = live & (length == count)
         mismatched = live & (length != count)
         teacher_index = torch.where(valid & has_teacher[:, None], (start[:, None] + order) % physical, -1)
@@ -341,6 +371,8 @@ class TeacherRing:
             new_start=new_start,
             new_length=new_length,
             new_head=self._head + recorded_rows,
+            table_position=table_position,
+            found=live,
             generation=self._generation,
         )
 
@@ -355,8 +387,25 @@ class TeacherRing:
         and entries pushed out of the last capacity_rows positions are evicted."""
         if lookup.generation != self._generation:
             raise RuntimeError("this RingLookup is stale: the ring changed after it was made")
-        self._start[lookup.sample_ids] = lookup.new_start
-        self._length[lookup.sample_ids] = lookup.new_length
+        capacity = self.capacity_rows
+        # the batch's ids that had an entry are replaced by their new state (or dropped)
+        replaced = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        replaced.index_add_(0, lookup.table_position, lookup.found.long())
+        ids = torch.cat([self._ids, lookup.sample_ids])
+        start = torch.cat([self._start, lookup.new_start])
+        length = torch.cat([self._length, lookup.new_length])
+        kept = torch.cat([replaced == 0, torch.ones_like(lookup.found)])
+        # live after the commit: holds rows, and they lie within the last C positions under the new head
+        live = kept & (start >= 0) & (length > 0) & (start >= lookup.new_head - capacity)
+        # at most C entries are live (disjoint non-empty row ranges within C positions): sort by
+        # (free, id) and keep the first C
+        ids = torch.where(live, ids, FREE_ID)
+        order = ids.argsort(stable=True)
+        order = order[(~live[order]).to(torch.uint8).argsort(stable=True)][:capacity]
+        live = live[order]
+        self._ids = ids[order]
+        self._start = torch.where(live, start[order], -1)
+        self._length = torch.where(live, length[order], 0)
         self._head = lookup.new_head
         self._generation += 1
 
@@ -374,4 +423,25 @@ def _check_sample_ids(sample_ids: object) -> torch.Tensor:
     if (counts > 1).any():
         raise ValueError(f"sample_ids must be distinct within a batch; repeated: {unique[counts > 1][:5].tolist()}")
     return ids
+
+
+def _state_entries(state: dict, head: int, capacity_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, start, length) int64 of a state_dict's live entries, sorted by id, checked against capacity.
+    The earlier format's `start` / `length` tables indexed by sample id are converted."""
+    if "entry_ids" in state:
+        ids, start, length = (state[key].to("cpu", torch.int64) for key in ("entry_ids", "entry_start", "entry_length"))
+    else:
+        start, length = state["start"].to("cpu", torch.int64), state["length"].to("cpu", torch.int64)
+        ids = torch.arange(start.shape[0], dtype=torch.int64)
+    if not (ids.dim() == start.dim() == length.dim() == 1 and ids.shape == start.shape == length.shape):
+        raise ValueError("state_dict entries (sample ids, start, length) must be 1-D tensors of one length")
+    live = (start >= 0) & (length > 0) & (start >= head - capacity_rows) & (start + length <= head)
+    ids, start, length = ids[live], start[live], length[live]
+    order = ids.argsort()
+    ids, start, length = ids[order], start[order], length[order]
+    if ids.numel() > capacity_rows:
+        raise ValueError(f"state_dict holds {ids.numel()} live entries, more than capacity_rows={capacity_rows}")
+    if ids.numel() and (int(ids[0]) < 0 or bool((ids[1:] == ids[:-1]).any())):
+        raise ValueError("state_dict entry sample ids must be distinct and >= 0")
+    return ids, start, length
 

@@ -8,6 +8,8 @@ import math
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -50,15 +52,28 @@ def test_module_example_runs_and_distills(capsys):
     )
 
 
-def test_trainer_example_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the example writes trainer_out/ to the working directory
-    code = python_block_after("## Example: Hugging Face Trainer")
+def _trainer_example_logs(heading: str, tmp_path, monkeypatch) -> list[dict]:
+    """Run a Trainer example in tmp_path (it writes its output folder to the working directory); its
+    training log entries."""
+    monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)
-    logs = [entry for entry in namespace["trainer"].state.log_history if "loss" in entry]
+    exec(compile(python_block_after(heading), str(README), "exec"), namespace)
+    return [entry for entry in namespace["trainer"].state.log_history if "loss" in entry]
+
+
+def test_trainer_example_runs(tmp_path, monkeypatch):
+    logs = _trainer_example_logs("## Example: Hugging Face Trainer", tmp_path, monkeypatch)
     assert len(logs) == 4 and logs[-1]["ce"] < logs[0]["ce"]
     assert {"kl", "alpha_mean", "tau_mean", "ring_bytes"} <= logs[-1].keys()
     assert (tmp_path / "trainer_out" / "checkpoint-10" / "dynsdpb_ring.pt").is_file()
+
+
+def test_trl_example_runs(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    logs = _trainer_example_logs("## Example: TRL's SFTTrainer", tmp_path, monkeypatch)
+    assert len(logs) == 3 and logs[-1]["ce"] < logs[0]["ce"]
+    assert logs[-1]["teacher_samples"] == 4 and {"kl", "alpha_mean", "tau_mean", "ring_bytes"} <= logs[-1].keys()
+    assert (tmp_path / "sft_out" / "checkpoint-6" / "dynsdpb_ring.pt").is_file()
 
 
 def test_fused_head_example_runs(capsys):

@@ -351,6 +351,7 @@ def test_failed_call_leaves_the_ring_unchanged(backend):
     [
         (torch.tensor([1, 1]), "distinct"),
         (torch.tensor([0, -3]), ">= 0"),
+        (torch.tensor([0, -(2**62)]), ">= 0"),
         (torch.tensor([0.0, 1.0]), "integer"),
         (torch.tensor([[0, 1]]), "1-D"),
         ([0, 1], "torch.Tensor"),
@@ -386,12 +387,155 @@ def test_stale_lookup_cannot_be_committed():
         ring.commit(first)
 
 
-def test_nbytes_and_clear():
+def _ring_tensor_bytes(ring: TeacherRing) -> int:
+    """Bytes of every tensor the ring holds, found by walking its attributes (not its own bookkeeping)."""
+    return sum(t.numel() * t.element_size() for t in vars(ring).values() if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("storage", ["dense", "topk"])
+def test_nbytes_is_the_exact_formula_and_independent_of_the_ids(storage):
+    vocab_size, capacity, reserve, k = 100, 10, 6, 7
+    dtype_bytes = 2  # bfloat16
+    physical = capacity + reserve
+    per_row = vocab_size * dtype_bytes + 8 if storage == "dense" else k * (dtype_bytes + 8) + 4 + 8
+    formula = physical * per_row + 24 * capacity + 8  # README: rows + (u, d) [+ ids, tail], entry table, head
+    rings = []
+    for ids in ([0, 1, 2], [2**40 + 3, 2**62 + 1, 2**63 - 1]):
+        ring = TeacherRing(vocab_size, capacity, device="cpu", reserve_rows=reserve, storage=storage, k=k)
+        assert ring.nbytes == formula == _ring_tensor_bytes(ring)
+        loss_fn = DynSDPBLoss(vocab_size, backend="reference", teacher_storage=storage, topk=k, record_policy="all")
+        loss_fn.ring = ring
+        for _ in range(4):  # 6 rows a call (the reserve), 4 valid: more rows than the capacity
+            loss_fn(torch.randn(3, 2, vocab_size), torch.randint(0, vocab_size, (3, 2)), torch.tensor(ids))
+            assert ring.nbytes == formula == _ring_tensor_bytes(ring) == loss_fn.last_stats.ring_bytes
+        rings.append(ring)
+    assert len(rings[0]) == len(rings[1]) > 0
+
+
+def test_clear_forgets_every_entry():
     ring = TeacherRing(100, 10, dtype=torch.bfloat16, device="cpu", reserve_rows=6)
-    assert ring.nbytes == 16 * 100 * 2 + 16 * 2 * 4
     loss_fn = DynSDPBLoss(100, backend="reference")
     loss_fn.ring = ring
-    loss_fn(torch.randn(1, 3, 100), torch.randint(0, 100, (1, 3)), torch.tensor([4]))
-    assert len(ring) == 1 and loss_fn.last_stats.ring_bytes == ring.nbytes
+    loss_fn(torch.randn(1, 3, 100), torch.randint(0, 100, (1, 3)), torch.tensor([2**50]))
+    assert len(ring) == 1 and 2**50 in ring
     ring.clear()
-    assert len(ring) == 0 and 4 not in ring
+    assert len(ring) == 0 and 2**50 not in ring and ring.state_dict()["entry_ids"].numel() == 0
+
+
+# -- any int64 sample id: the entry table against a plain Python model of the ring -------------------
+
+
+class _RingModel:
+    """The ring's bookkeeping in plain Python: a dict sample id -> (start, length) and a head."""
+
+    def __init__(self, capacity_rows: int):
+        self.capacity, self.head, self.entries = capacity_rows, 0, {}
+
+    def live(self, sample_id):
+        entry = self.entries.get(sample_id)
+        return entry if entry is not None and entry[1] > 0 and entry[0] >= self.head - self.capacity else None
+
+    def step(self, ids, counts, policy):
+        has_teacher, mismatched, new = [], [], {}
+        position = self.head
+        for sample_id, count in zip(ids, counts):
+            entry = self.live(sample_id)
+            has_teacher.append(entry is not None and entry[1] == count)
+            mismatched.append(entry is not None and entry[1] != count)
+            if policy == "all" or (policy == "new" and not has_teacher[-1]):
+                new[sample_id] = (position, count)
+                position += count
+            elif policy == "new":
+                new[sample_id] = None  # consumed
+        self.entries.update(new)
+        self.head = position
+        self.entries = {i: e for i, e in self.entries.items() if e is not None and self.live(i) is not None}
+        return has_teacher, mismatched
+
+
+@pytest.mark.parametrize("policy", ["new", "all", "none"])
+@pytest.mark.parametrize("id_scale", [2**40, 2**62, 2**63 - 64], ids=["2^40", "2^62", "int64_max"])
+def test_huge_sample_ids_follow_the_python_model(policy, id_scale):
+    """Random ids drawn from a pool near id_scale (and a few small ones), random lengths, capacity small
+    enough to evict: has_teacher, mismatches, membership and the saved entries equal the Python model's."""
+    gen = torch.Generator().manual_seed(id_scale % 1000 + len(policy))
+    capacity = 12
+    pool = torch.cat([id_scale + torch.randint(0, 63, (14,), generator=gen), torch.tensor([0, 1, 7])]).unique()
+    ring = TeacherRing(5, capacity, device="cpu", reserve_rows=16)
+    model = _RingModel(capacity)
+    seeder_policy = "all" if policy == "none" else policy  # "none" never records: seed with "all" steps
+    for step in range(30):
+        step_policy = seeder_policy if policy == "none" and step % 3 == 0 else policy
+        ids = pool[torch.randperm(len(pool), generator=gen)[: int(torch.randint(1, 5, (1,), generator=gen))]]
+        valid = torch.rand(len(ids), 4, generator=gen) < 0.6
+        counts = valid.sum(1).tolist()
+        lookup = ring.lookup(ids, valid, record=step_policy)
+        ring.commit(lookup)
+        has_teacher, mismatched = model.step(ids.tolist(), counts, step_policy)
+        assert lookup.has_teacher.tolist() == has_teacher
+        assert lookup.mismatched.tolist() == mismatched
+        assert int(ring._head) == model.head
+        for sample_id in pool.tolist():
+            assert (sample_id in ring) == (model.live(sample_id) is not None)
+        state = ring.state_dict()
+        expected = sorted(model.entries.items())
+        assert state["entry_ids"].tolist() == [i for i, _ in expected]
+        assert state["entry_start"].tolist() == [e[0] for _, e in expected]
+        assert state["entry_length"].tolist() == [e[1] for _, e in expected]
+        assert len(ring) <= capacity
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_ids_give_the_losses_of_small_ids_and_resume(backend):
+    """The ring does not depend on the ids' values: a DLB schedule over ids near 2^40, 2^62 and random
+    63-bit ids gives exactly the losses of the same schedule over 0..5, with evictions, and a ring saved
+    and restored mid-way continues identically."""
+    vocab_size = 60
+    gen = torch.Generator().manual_seed(3)
+    huge = [2**40, 2**40 + 1, 2**62, 2**63 - 1] + torch.randint(0, 2**62, (2,), generator=gen).mul(2).tolist()
+    schedule = [[0, 1], [0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 0, 1], [0, 1, 2, 3], [2, 3, 4, 5]]
+    data = [(torch.randn(len(ids), 4, vocab_size, generator=gen), ids) for ids in schedule]
+    labels = {i: torch.randint(0, vocab_size, (4,), generator=gen) for i in range(6)}
+    labels[3][2:] = IGNORE
+
+    def run(id_map, resume_at=None):
+        loss_fn = DynSDPBLoss(vocab_size, capacity_rows=12, backend=backend)  # 12 rows: about 4 samples
+        losses = []
+        for step, (logits, ids) in enumerate(data):
+            if step == resume_at:
+                restored = DynSDPBLoss(vocab_size, capacity_rows=12, backend=backend)
+                restored.load_state_dict(loss_fn.state_dict())
+                loss_fn = restored
+            batch_labels = torch.stack([labels[i] for i in ids])
+            losses.append(loss_fn(logits, batch_labels, torch.tensor([id_map[i] for i in ids])))
+            losses.append(loss_fn.last_stats.teacher_samples)
+        return losses, [id_map[i] in loss_fn.ring for i in range(6)]
+
+    small_losses, small_live = run(list(range(6)))
+    huge_losses, huge_live = run(huge)
+    resumed_losses, resumed_live = run(huge, resume_at=3)
+    for a, b, c in zip(small_losses, huge_losses, resumed_losses):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert small_live == huge_live == resumed_live
+    assert sum(int(t) for t in small_losses[1::2]) > 0
+
+
+def test_state_dict_of_the_dense_table_format_loads():
+    """A state_dict saved by the earlier version (start / length tables indexed by sample id) restores
+    the same live entries; its dead and empty entries are dropped."""
+    vocab_size = 20
+    loss_fn = DynSDPBLoss(vocab_size, capacity_rows=8, backend="reference")
+    loss_fn(torch.randn(3, 3, vocab_size), torch.randint(0, vocab_size, (3, 3)), torch.tensor([0, 4, 9]))
+    state = loss_fn.ring.state_dict()
+    old = {key: value for key, value in state.items() if not key.startswith("entry_")}
+    old["start"] = torch.full((11,), -1, dtype=torch.int64)
+    old["length"] = torch.zeros(11, dtype=torch.int64)
+    old["start"][state["entry_ids"]] = state["entry_start"]
+    old["length"][state["entry_ids"]] = state["entry_length"]
+    old["start"][10] = 0  # an empty entry: not live
+    restored = TeacherRing(vocab_size, 8)
+    restored.load_state_dict(old)
+    _assert_same_state(state, restored.state_dict())
+    for i in (0, 4, 9):
+        assert torch.equal(restored.teacher(i)[0], loss_fn.ring.teacher(i)[0])

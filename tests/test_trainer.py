@@ -92,7 +92,8 @@ def test_resume_restores_the_ring_and_continues_identically(tmp_path):
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
     final_a = uninterrupted.dynsdpb_loss.ring.state_dict()
     final_b = resumed.dynsdpb_loss.ring.state_dict()
-    assert torch.equal(final_a["start"], final_b["start"]) and torch.equal(final_a["head"], final_b["head"])
+    assert torch.equal(final_a["entry_ids"], final_b["entry_ids"]) and torch.equal(final_a["entry_start"], final_b["entry_start"])
+    assert torch.equal(final_a["head"], final_b["head"])
     torch.testing.assert_close(final_a["rows"].float(), final_b["rows"].float(), rtol=1e-2, atol=1e-3)
 
 

