@@ -54,14 +54,24 @@ def compiled(step, backend):
     return torch.compile(step, backend=counter, fullgraph=True), counter
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_dynsdpb_loss_step_is_one_graph_and_matches_eager(backend):
-    hidden, weight, labels, teacher, teacher_mask = make_step_inputs()
+def loss_step(head, backend, validate):
+    """A training step from the head's hidden states: logits then dynsdpb_loss, or the fused head."""
 
     def step(hidden, weight, labels, teacher, teacher_mask):
-        logits = hidden @ weight.T
-        return dynsdpb_loss(logits, labels, teacher, teacher_mask, tau=2.0, validate=False, backend=backend)
+        if head == "logits":
+            return dynsdpb_loss(hidden @ weight.T, labels, teacher, teacher_mask, tau=2.0, validate=validate, backend=backend)
+        return fused_linear_dynsdpb_loss(
+            hidden, weight, labels, teacher, teacher_mask, tau=2.0, chunk_size=5, validate=validate, backend=backend
+        )
 
+    return step
+
+
+@pytest.mark.parametrize("head", ["logits", "fused_linear"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_is_one_graph_and_matches_eager_and_truth(backend, head):
+    hidden, weight, labels, teacher, teacher_mask = make_step_inputs()
+    step = loss_step(head, backend, validate=False)
     eager_loss, eager_grad = run_step(step, hidden, weight, labels, teacher, teacher_mask)
     step_c, counter = compiled(step, backend)
     loss, grad = run_step(step_c, hidden, weight, labels, teacher, teacher_mask)
@@ -73,25 +83,6 @@ def test_compiled_dynsdpb_loss_step_is_one_graph_and_matches_eager(backend):
     truth = truth_dynsdpb(hidden.double() @ weight.double().T, labels, teacher, teacher_mask, tau=2.0)
     torch.testing.assert_close(loss.double(), truth["loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), truth["grad"].T @ hidden.double(), rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_fused_linear_step_is_one_graph_and_matches_eager(backend):
-    hidden, weight, labels, teacher, teacher_mask = make_step_inputs()
-
-    def step(hidden, weight, labels, teacher, teacher_mask):
-        return fused_linear_dynsdpb_loss(
-            hidden, weight, labels, teacher, teacher_mask, tau=2.0, chunk_size=5, validate=False, backend=backend
-        )
-
-    eager_loss, eager_grad = run_step(step, hidden, weight, labels, teacher, teacher_mask)
-    step_c, counter = compiled(step, backend)
-    loss, grad = run_step(step_c, hidden, weight, labels, teacher, teacher_mask)
-    assert counter.frame_count == 1
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grad, eager_grad, rtol=1e-5, atol=1e-6)
-    truth = truth_dynsdpb(hidden.double() @ weight.double().T, labels, teacher, teacher_mask, tau=2.0)
-    torch.testing.assert_close(loss.double(), truth["loss"], rtol=1e-5, atol=1e-6)
 
 
 def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=False):
@@ -156,12 +147,7 @@ def test_validate_true_under_compile_is_one_graph_and_still_raises(head):
     """validate=True under torch.compile: no graph break and no host sync; a bad value raises when the
     compiled step runs (a RuntimeError naming what failed, on the CPU)."""
     hidden, weight, labels, teacher, teacher_mask = make_step_inputs()
-
-    def step(hidden, weight, labels, teacher, teacher_mask):
-        if head == "logits":
-            return dynsdpb_loss(hidden @ weight.T, labels, teacher, teacher_mask, tau=2.0, backend="cpu")
-        return fused_linear_dynsdpb_loss(hidden, weight, labels, teacher, teacher_mask, tau=2.0, backend="cpu")
-
+    step = loss_step(head, "cpu", validate=True)
     step_c, counter = compiled(step, "cpu")
     eager_loss, eager_grad = run_step(step, hidden, weight, labels, teacher, teacher_mask)
     loss, grad = run_step(step_c, hidden, weight, labels, teacher, teacher_mask)
