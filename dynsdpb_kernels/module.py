@@ -133,7 +133,7 @@ class RingLoss(nn.Module):
 
     def _new_ring(self, capacity_rows: int) -> TeacherRing:
         return TeacherRing(
-            self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, k=self.topk
+            self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, topk=self.topk
         )
 
     def _begin_step(
@@ -164,8 +164,8 @@ class RingLoss(nn.Module):
             return RingStep(labels_1d, Teachers(), None, self._grad_scale(labels_1d, None, num_items_in_batch), None)
 
         ring = self._ring_for(per_sample.numel())
-        lookup = ring.lookup(sample_ids, per_sample != ignore_index, record=self.record_policy)
-        teachers = Teachers(ring.rows, lookup.teacher_index, ring.stats, ring.support, ring.tail)
+        lookup = ring.lookup(sample_ids, per_sample != ignore_index, record_policy=self.record_policy)
+        teachers = Teachers(ring.logits, lookup.teacher_index, ring.stats, ring.support, ring.tail)
         grad_scale = self._grad_scale(labels_1d, lookup.teacher_index, num_items_in_batch)
         return RingStep(labels_1d, teachers, lookup.record, grad_scale, lookup)
 

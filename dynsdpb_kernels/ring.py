@@ -83,7 +83,7 @@ class TeacherRing:
         reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
             number of rows of a larger call, which reallocates the ring once.
         storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
-        k: entries kept per row with storage="topk".
+        topk: entries kept per row with storage="topk".
 
     Memory (`nbytes`, exact), with P = C + reserve:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
@@ -100,11 +100,11 @@ class TeacherRing:
         device: torch.device | str | None = None,
         reserve_rows: int | None = None,
         storage: str = "dense",
-        k: int = 64,
+        topk: int = 64,
     ) -> None:
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
-        for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows), ("k", k)):
+        for name, value in (("vocab_size", vocab_size), ("capacity_rows", capacity_rows), ("topk", topk)):
             check_positive_int(name, value)
         if dtype not in RING_DTYPES:
             raise TypeError(f"dtype must be one of {RING_DTYPES}, got {dtype}")
@@ -113,14 +113,14 @@ class TeacherRing:
         self.vocab_size = vocab_size
         self.capacity_rows = capacity_rows
         self.storage = storage
-        self.k = min(k, vocab_size) if storage == "topk" else vocab_size
+        self.topk = min(topk, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
         self.device: torch.device | None = None
         self._follows_first_call = device is None  # a ring made or restored without a device moves to the first call's
         self._reserve = reserve
         self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
-        self.rows = torch.empty(0, self.k, dtype=dtype)  # (P, V) dense, (P, k) top-k values
-        self.support: torch.Tensor | None = torch.empty(0, self.k, dtype=torch.int64) if storage == "topk" else None
+        self.logits = torch.empty(0, self.topk, dtype=dtype)  # (P, V) dense, (P, k) top-k values
+        self.support: torch.Tensor | None = torch.empty(0, self.topk, dtype=torch.int64) if storage == "topk" else None
         self.tail: torch.Tensor | None = torch.empty(0, dtype=torch.float32) if storage == "topk" else None
         self.stats = torch.empty(0, 2, dtype=torch.float32)
         self._ids = torch.empty(0, dtype=torch.int64)  # entry table (C,) each, made on the device by _allocate
@@ -135,9 +135,9 @@ class TeacherRing:
     def _allocate(self, device: torch.device) -> None:
         physical = self.capacity_rows + self._reserve
         self.device = device
-        self.rows = torch.zeros(physical, self.k, dtype=self.dtype, device=device)
+        self.logits = torch.zeros(physical, self.topk, dtype=self.dtype, device=device)
         if self.support is not None:
-            self.support = torch.zeros(physical, self.k, dtype=torch.int64, device=device)
+            self.support = torch.zeros(physical, self.topk, dtype=torch.int64, device=device)
             self.tail = torch.zeros(physical, dtype=torch.float32, device=device)
         self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
         if self._ids.shape[0] != self.capacity_rows:
@@ -150,7 +150,7 @@ class TeacherRing:
     @property
     def physical_rows(self) -> int:
         """P = capacity_rows + reserve rows actually allocated (0 before the first call without a device)."""
-        return self.rows.shape[0]
+        return self.logits.shape[0]
 
     def to(self, device: torch.device | str) -> TeacherRing:
         """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
@@ -164,7 +164,7 @@ class TeacherRing:
 
     def _grow_reserve(self, reserve: int) -> None:
         """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
-        old_rows, old_support, old_tail, old_stats = self.rows, self.support, self.tail, self.stats
+        old_rows, old_support, old_tail, old_stats = self.logits, self.support, self.tail, self.stats
         old_physical = self.physical_rows
         self._reserve = reserve
         assert self.device is not None
@@ -174,7 +174,7 @@ class TeacherRing:
         positions = positions.clamp_min(0)  # (before C rows exist, position 0 is copied more than once)
         new_slots = positions % self.physical_rows
         old_slots = positions % old_physical
-        self.rows[new_slots] = old_rows[old_slots]
+        self.logits[new_slots] = old_rows[old_slots]
         self.stats[new_slots] = old_stats[old_slots]
         if old_support is not None:
             self.support[new_slots] = old_support[old_slots]
@@ -187,7 +187,7 @@ class TeacherRing:
     def nbytes(self) -> int:
         """Bytes held on the device, exactly: every tensor of the ring (rows, top-k ids and tail, (u, d)
         statistics, the entry table and head); see the class docstring for the formula."""
-        held = (self.rows, self.support, self.tail, self.stats, self._ids, self._start, self._length, self._head)
+        held = (self.logits, self.support, self.tail, self.stats, self._ids, self._start, self._length, self._head)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def __len__(self) -> int:
@@ -214,7 +214,7 @@ class TeacherRing:
         """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none. With top-k
         storage the rows are (L, k) values and `teacher_support(sample_id)` gives their ids."""
         slots = self._slots_of(sample_id)
-        return None if slots is None else (self.rows[slots].clone(), self.stats[slots].clone())
+        return None if slots is None else (self.logits[slots].clone(), self.stats[slots].clone())
 
     def teacher_support(self, sample_id: int) -> torch.Tensor | None:
         """(L, k) vocabulary ids of a top-k sample's stored logits; None when it has no live entry."""
@@ -254,8 +254,8 @@ class TeacherRing:
             "capacity_rows": self.capacity_rows,
             "dtype": str(self.dtype).removeprefix("torch."),
             "storage": self.storage,
-            "k": self.k,
-            "rows": self.rows[slots].cpu(),
+            "k": self.topk,
+            "rows": self.logits[slots].cpu(),
             **({"support": self.support[slots].cpu(), "tail": self.tail[slots].cpu()} if self.support is not None else {}),
             "stats": self.stats[slots].cpu(),
             "entry_ids": self._ids[:n_entries].cpu(),
@@ -272,19 +272,19 @@ class TeacherRing:
                 raise ValueError(f"state_dict has {key}={state[key]} but this ring has {key}={mine}")
         if state["dtype"] != str(self.dtype).removeprefix("torch."):
             raise ValueError(f"state_dict has dtype {state['dtype']} but this ring stores {self.dtype}")
-        if (state.get("storage", "dense"), state.get("k", self.vocab_size)) != (self.storage, self.k):
+        if (state.get("storage", "dense"), state.get("k", self.vocab_size)) != (self.storage, self.topk):
             raise ValueError(
                 f"state_dict has storage={state.get('storage', 'dense')!r}, k={state.get('k')} but this ring has "
-                f"storage={self.storage!r}, k={self.k}"
+                f"storage={self.storage!r}, k={self.topk}"
             )
         head = int(state["head"])
         rows = state["rows"]
-        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.k):
+        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.topk):
             raise ValueError(f"state_dict rows have shape {tuple(rows.shape)}, inconsistent with its header")
         self._allocate(self.device or torch.device("cpu"))
         self._head = torch.tensor(head, dtype=torch.int64, device=self.device)
         slots = self._live_positions() % self.physical_rows
-        self.rows[slots] = rows.to(device=self.device, dtype=self.dtype)
+        self.logits[slots] = rows.to(device=self.device, dtype=self.dtype)
         if self.support is not None:
             self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
             self.tail[slots] = state["tail"].to(device=self.device, dtype=torch.float32)
@@ -301,7 +301,7 @@ class TeacherRing:
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
 
-    def lookup(self, sample_ids: torch.Tensor, valid: torch.Tensor, record: str = "new") -> RingLookup:
+    def lookup(self, sample_ids: torch.Tensor, valid: torch.Tensor, record_policy: str = "new") -> RingLookup:
         """Teachers and recording slots for one call, without changing the ring's state.
 
         Args:
@@ -309,15 +309,15 @@ class TeacherRing:
                 ids that live on a GPU copies them to the host (a sync of B integers).
             valid: (B, T) bool on the ring's device, True where a row has a label (T = 1 for
                 classification); the student rows are the B * T rows in this order.
-            record: "new" records the samples that got no teacher and consumes the entries that
+            record_policy: "new" records the samples that got no teacher and consumes the entries that
                 were used (each sample is a teacher once, then a student once); "all" records every
                 sample; "none" records nothing and consumes nothing.
 
         Raises ValueError naming the argument for ids that are negative, repeated or not 1-D
         integers, a shape mismatch, or a device other than the ring's.
         """
-        if record not in RECORD_POLICIES:
-            raise ValueError(f"record must be one of {RECORD_POLICIES}, got {record!r}")
+        if record_policy not in RECORD_POLICIES:
+            raise ValueError(f"record_policy must be one of {RECORD_POLICIES}, got {record_policy!r}")
         ids_host = _check_sample_ids(sample_ids)
         if valid.dtype != torch.bool or valid.dim() != 2 or valid.shape[0] != ids_host.shape[0]:
             raise ValueError(
@@ -348,22 +348,22 @@ class TeacherRing:
         mismatched = live & (length != count)
         teacher_index = torch.where(valid & has_teacher[:, None], (start[:, None] + order) % physical, -1)
 
-        if record == "none":
+        if record_policy == "none":
             recorded = torch.zeros_like(has_teacher)
-        elif record == "all":
+        elif record_policy == "all":
             recorded = torch.ones_like(has_teacher)
         else:
             recorded = ~has_teacher
         record_count = count * recorded
         record_start = self._head + record_count.cumsum(0) - record_count
         record_index = torch.where(valid & recorded[:, None], (record_start[:, None] + order) % physical, -1)
-        consumed = has_teacher & (record != "none")
+        consumed = has_teacher & (record_policy != "none")
         new_start = torch.where(recorded, record_start, torch.where(consumed, -1, start))
         new_length = torch.where(recorded, count, torch.where(consumed, 0, length))
         recorded_rows = record_count.sum()
         return RingLookup(
             teacher_index=teacher_index.reshape(-1),
-            record=None if record == "none" else self._row_record(record_index.reshape(-1)),
+            record=None if record_policy == "none" else self._row_record(record_index.reshape(-1)),
             has_teacher=has_teacher,
             mismatched=mismatched,
             recorded_rows=recorded_rows,
@@ -379,8 +379,8 @@ class TeacherRing:
     def _row_record(self, index: torch.Tensor) -> RowRecord:
         """Where the kernel (dense rows, statistics) and loss.fused_loss (top-k values) write recorded rows."""
         if self.support is None or self.tail is None:
-            return RowRecord(index, self.rows, self.stats)
-        return RowRecord(index, None, self.stats, TopkRecord(self.rows, self.support, self.tail))
+            return RowRecord(index, self.logits, self.stats)
+        return RowRecord(index, None, self.stats, TopkRecord(self.logits, self.support, self.tail))
 
     def commit(self, lookup: RingLookup) -> None:
         """Apply a lookup once its kernel call succeeded: new entries become live, used ones are consumed,

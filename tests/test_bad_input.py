@@ -189,8 +189,8 @@ def test_ring_arguments_are_named():
     ring = TeacherRing(VOCAB, 8, device="cpu")
     with pytest.raises(ValueError, match="valid must be a bool tensor"):
         ring.lookup(torch.tensor([0]), torch.ones(1, 3))
-    with pytest.raises(ValueError, match="record must be one of"):
-        ring.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool), record="some")
+    with pytest.raises(ValueError, match="record_policy must be one of"):
+        ring.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool), record_policy="some")
     with pytest.raises(ValueError, match="logits are on meta but the teacher ring lives on cpu"):
         ring.lookup(torch.tensor([0]), torch.ones(1, 3, dtype=torch.bool, device="meta"))
     for other, message in (

@@ -401,7 +401,7 @@ def test_nbytes_is_the_exact_formula_and_independent_of_the_ids(storage):
     formula = physical * per_row + 24 * capacity + 8  # README: rows + (u, d) [+ ids, tail], entry table, head
     rings = []
     for ids in ([0, 1, 2], [2**40 + 3, 2**62 + 1, 2**63 - 1]):
-        ring = TeacherRing(vocab_size, capacity, device="cpu", reserve_rows=reserve, storage=storage, k=k)
+        ring = TeacherRing(vocab_size, capacity, device="cpu", reserve_rows=reserve, storage=storage, topk=k)
         assert ring.nbytes == formula == _ring_tensor_bytes(ring)
         loss_fn = DynSDPBLoss(vocab_size, backend="reference", teacher_storage=storage, topk=k, record_policy="all")
         loss_fn.ring = ring
@@ -469,7 +469,7 @@ def test_huge_sample_ids_follow_the_python_model(policy, id_scale):
         ids = pool[torch.randperm(len(pool), generator=gen)[: int(torch.randint(1, 5, (1,), generator=gen))]]
         valid = torch.rand(len(ids), 4, generator=gen) < 0.6
         counts = valid.sum(1).tolist()
-        lookup = ring.lookup(ids, valid, record=step_policy)
+        lookup = ring.lookup(ids, valid, record_policy=step_policy)
         ring.commit(lookup)
         has_teacher, mismatched = model.step(ids.tolist(), counts, step_policy)
         assert lookup.has_teacher.tolist() == has_teacher

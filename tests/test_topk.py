@@ -135,8 +135,8 @@ def test_topk_ring_memory_and_state():
     from dynsdpb_kernels import TeacherRing
 
     dense = TeacherRing(49152, 64, dtype=torch.bfloat16, device="cpu")
-    topk = TeacherRing(49152, 64, dtype=torch.bfloat16, device="cpu", storage="topk", k=64)
-    assert topk.rows.shape == (128, 64) and topk.support.shape == (128, 64)
+    topk = TeacherRing(49152, 64, dtype=torch.bfloat16, device="cpu", storage="topk", topk=64)
+    assert topk.logits.shape == (128, 64) and topk.support.shape == (128, 64)
     assert topk.nbytes < 0.01 * dense.nbytes
     with pytest.raises(ValueError, match="storage"):
         TeacherRing(10, 4, storage="sparse")
