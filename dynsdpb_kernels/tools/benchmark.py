@@ -201,7 +201,7 @@ def run_grid(
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"# {machine_name(device)}, torch {torch.__version__}, copy bandwidth {copy_gbs:.1f} GB/s")
     if device == "cpu":  # which build of the C++ kernel "ours" runs
-        from .cpu_kernel import cpu_isa, extension_name
+        from ..cpu_kernel import cpu_isa, extension_name
 
         print(f"# C++ kernel ISA {cpu_isa()} (extension {extension_name()}, ATen capability {torch.backends.cpu.get_cpu_capability()})")
     header = f"{'provider':>8} {'mode':>7} {'dtype':>8} {'N':>5} {'V':>6} {'median s':>9} {'x eager':>8} {'x compile':>9} {'peak MB':>8} {'GB/s':>6} {'% copy':>6}"
