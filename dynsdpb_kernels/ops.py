@@ -20,11 +20,13 @@ anything; it serves FakeTensor tracing and meta tensors alike.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
 from .backends import resolve_backend, row_kernel, triton_interpreted
-from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, row_terms_dtype
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 MUTATED = ("grad_out", "record_rows", "record_stats")
 
@@ -73,12 +75,17 @@ def _run_row_kernel(
 fused_rows_op = torch.library.custom_op("dynsdpb::fused_rows", _run_row_kernel, mutates_args=MUTATED)
 
 
-def _fake_fused_rows(logits: Tensor, labels: Tensor, *args) -> tuple[Tensor, Tensor, Tensor]:
-    grad_out, compute_grad = args[6], args[14]
-    n_rows = logits.shape[0]
-    row_terms = logits.new_empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype))
-    student_stats = logits.new_empty(n_rows, 2, dtype=torch.float32)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad and grad_out is None else logits.new_empty(0)
+_SCHEMA = inspect.signature(_run_row_kernel)
+
+
+def _fake_fused_rows(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """Output shapes of the operators, by name from their one schema; nothing runs."""
+    arguments = _SCHEMA.bind(*args, **kwargs).arguments
+    logits = arguments["logits"]
+    row_terms = logits.new_empty(logits.shape[0], N_ROW_TERMS, dtype=row_terms_dtype(logits.dtype))
+    student_stats = logits.new_empty(logits.shape[0], 2, dtype=torch.float32)
+    fresh_grad = arguments["compute_grad"] and arguments["grad_out"] is None
+    grad = gradient_buffer(logits, fresh_grad, None) if fresh_grad else logits.new_empty(0)
     return row_terms, student_stats, grad
 
 
