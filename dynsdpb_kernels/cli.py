@@ -67,7 +67,35 @@ def main(argv: list[str] | None = None) -> None:
     finetune.add_argument("--fused-linear", action="store_true", help="DynSDPB arm: loss from the hidden states (no logits)")
     finetune.add_argument("--teacher-storage", choices=["dense", "topk"], default="dense")
     finetune.add_argument("--topk", type=int, default=64, help="k for --teacher-storage topk")
+    study = commands.add_parser(
+        "study", help="CE vs DLB vs DynSDPB (and the two halves of the dynamic rule) over seeds: held-out scores with 95% CIs",
+        formatter_class=defaults_shown,
+    )
+    study.add_argument(
+        "--out", type=Path, default=Path("dynsdpb_study"),
+        help="folder that receives results.csv, summary.json, <task>.png, curves.png and runs/ (one JSON per run; "
+        "a rerun with the same --out continues where a killed one stopped)",
+    )
+    study.add_argument("--tiny", action="store_true", help="CI configuration: tiny random LLaMA, 2 seeds, a few steps")
+    study.add_argument("--seeds", type=int, default=None, help="seeds per arm and task (None: 5, or 2 with --tiny)")
+    study.add_argument("--arms", type=_str_list, default=None, help="comma-separated, of ce,dlb,dynsdpb,alpha_only,tau_only (None: all)")
+    study.add_argument("--tasks", type=_str_list, default=None, help="comma-separated, of sentiment,gsm (None: both)")
+    study.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default, one per core)")
+    study.add_argument("--summarize-only", action="store_true", help="only rewrite results.csv, summary.json and the plots from the stored runs")
     args = parser.parse_args(argv)
+
+    if args.command == "study":
+        from .tools.study import StudyConfig, run_study, summarize
+
+        config = StudyConfig.tiny(args.out) if args.tiny else StudyConfig(out=args.out)
+        overrides = {"seeds": args.seeds, "arms": tuple(args.arms or ()), "tasks": tuple(args.tasks or ()), "threads": args.threads}
+        for name, value in overrides.items():
+            if value:
+                setattr(config, name, value)
+        if args.summarize_only:
+            summarize(config)
+        else:
+            run_study(config)
 
     if args.command == "bench-head":
         import torch

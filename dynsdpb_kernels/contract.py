@@ -66,19 +66,46 @@ STAT_UNCERTAINTY = 0  # u = H(softmax(x)) / ln V, in [0, 1] (0 when V == 1)
 STAT_DISCRIMINATION = 1  # d = p_(1) - p_(2), top-1 minus top-2 probability, in [0, 1]
 
 
+# The string values of DistillConfig.dynamic: one half of the dynamic rule only (the ablations).
+DYNAMIC_MODES = ("alpha", "tau")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Scalar options of the fused loss.
 
-    dynamic=True:  alpha_r = alpha * (1 - u_r),  tau_r = 1 + (tau - 1) * d_r
-    dynamic=False: alpha_r = alpha,              tau_r = tau   (the DLB loss)
+    dynamic=True:    alpha_r = alpha * (1 - u_r),  tau_r = 1 + (tau - 1) * d_r
+    dynamic="alpha": alpha_r = alpha * (1 - u_r),  tau_r = tau                  (ablation)
+    dynamic="tau":   alpha_r = alpha,              tau_r = 1 + (tau - 1) * d_r  (ablation)
+    dynamic=False:   alpha_r = alpha,              tau_r = tau                  (the DLB loss)
     where (u_r, d_r) are the teacher row's uncertainty and discrimination at temperature 1.
     """
 
     alpha: float = 1.0
     tau: float = 3.0
-    dynamic: bool = True
+    dynamic: bool | str = True
     ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.dynamic, bool) or self.dynamic in DYNAMIC_MODES):
+            raise ValueError(f"dynamic must be True, False, 'alpha' or 'tau', got {self.dynamic!r}")
+
+    @property
+    def dynamic_alpha(self) -> bool:
+        """alpha_r = alpha * (1 - u_r) (dynamic=True or "alpha")."""
+        return self.dynamic is True or self.dynamic == "alpha"
+
+    @property
+    def dynamic_tau(self) -> bool:
+        """tau_r = 1 + (tau - 1) * d_r (dynamic=True or "tau")."""
+        return self.dynamic is True or self.dynamic == "tau"
+
+    @staticmethod
+    def dynamic_mode(dynamic_alpha: bool, dynamic_tau: bool) -> bool | str:
+        """The value of `dynamic` that has these two halves of the rule (the operators' schema carries two bools)."""
+        if dynamic_alpha and dynamic_tau:
+            return True
+        return "alpha" if dynamic_alpha else "tau" if dynamic_tau else False
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def dynsdpb_loss(
     *,
     alpha: float = 1.0,
     tau: float = 3.0,
-    dynamic: bool = True,
+    dynamic: bool | str = True,
     ignore_index: int = -100,
     reduction: str = "mean",
     return_stats: bool = False,
@@ -51,8 +51,9 @@ def dynsdpb_loss(
 
     loss = sum_valid ce_r / n_valid + sum_distilled alpha_r tau_r^2 KL(softmax(t_r/tau_r) || softmax(z_r/tau_r)) / n_distilled
     with alpha_r = alpha (1 - u_r), tau_r = 1 + (tau - 1) d_r from the teacher's normalised entropy u_r and
-    top-1/top-2 probability margin d_r when dynamic=True, alpha_r = alpha and tau_r = tau otherwise; see
-    loss.py's module docstring for the full definition, including reduction="sum" and "none".
+    top-1/top-2 probability margin d_r when dynamic=True, alpha_r = alpha and tau_r = tau when False (DLB);
+    dynamic="alpha" or "tau" keeps one half of the rule (ablations); see loss.py's module docstring for the
+    full definition, including reduction="sum" and "none".
 
     Args:
         logits: (N, V) or (B, T, V) student logits, float32, bfloat16, float16 (or float64).
@@ -62,7 +63,8 @@ def dynsdpb_loss(
             step, shape of logits, any float dtype. Detached: no gradient flows into the teacher.
         teacher_mask: None (every row has a teacher) or bool of logits' leading shape, True where the
             row has a teacher.
-        alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r, tau_r.
+        alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r and tau_r (True),
+            only alpha_r ("alpha"), only tau_r ("tau"), or neither (False, DLB).
         reduction: "mean", "sum" or "none" (per-row losses of logits' leading shape).
         return_stats: also return a LossStats of 0-d tensors (no host sync).
         backend: "auto", "triton", "cpu" or "reference" (see backends.py).
@@ -143,7 +145,7 @@ def fused_linear_dynsdpb_loss(
     bias: torch.Tensor | None = None,
     alpha: float = 1.0,
     tau: float = 3.0,
-    dynamic: bool = True,
+    dynamic: bool | str = True,
     ignore_index: int = -100,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,

@@ -9,6 +9,8 @@ logits the same row got one step earlier, detached):
     (u_r, d_r)  = (H(p) / ln V, p_(1) - p_(2)) with p = softmax(t_r)        teacher uncertainty, discrimination
     alpha_r     = alpha * (1 - u_r),  tau_r = 1 + (tau - 1) * d_r            (dynamic=True)
     alpha_r     = alpha,              tau_r = tau                            (dynamic=False, the DLB loss)
+    (dynamic="alpha" keeps only the alpha_r rule with tau_r = tau; dynamic="tau" only the tau_r rule with
+    alpha_r = alpha: the two ablations of the dynamic rule.)
     kl_r        = KL(softmax(t_r / tau_r) || softmax(z_r / tau_r))
     distill_r   = alpha_r * tau_r^2 * kl_r
 
@@ -317,9 +319,9 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
 
 def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConfig) -> torch.Tensor:
     """1 - sum_topk softmax(rows / tau_r): the probability mass a top-k teacher row leaves out, at the
-    temperature the loss will use for it (tau_r from the row's top-1/top-2 margin when config.dynamic)."""
+    temperature the loss will use for it (tau_r from the row's top-1/top-2 margin when config.dynamic_tau)."""
     log_norm = rows.logsumexp(-1)
-    if config.dynamic:
+    if config.dynamic_tau:
         top2 = top_values[:, :2] if top_values.shape[1] >= 2 else rows.topk(min(2, rows.shape[1]), dim=-1).values
         probs = (top2 - log_norm[:, None]).exp()
         margin = probs[:, 0] - probs[:, 1] if probs.shape[1] == 2 else probs[:, 0]

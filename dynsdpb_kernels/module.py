@@ -74,7 +74,7 @@ class RingLoss(nn.Module):
         *,
         alpha: float = 1.0,
         tau: float = 3.0,
-        dynamic: bool = True,
+        dynamic: bool | str = True,
         ignore_index: int = -100,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
@@ -111,7 +111,7 @@ class RingLoss(nn.Module):
     def extra_repr(self) -> str:
         config = self.options.distill
         return (
-            f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic}, "
+            f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic!r}, "
             f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record_policy={self.record_policy!r}"
         )
 

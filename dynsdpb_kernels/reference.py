@@ -99,11 +99,13 @@ def reference_fused_rows(
         else:
             stats = row_statistics(teacher)
         uncertainty, discrimination = stats.unbind(-1)
-        if config.dynamic:
+        if config.dynamic_alpha:
             alpha = config.alpha * (1.0 - uncertainty)
-            tau = 1.0 + (config.tau - 1.0) * discrimination
         else:
             alpha = torch.full_like(uncertainty, config.alpha)
+        if config.dynamic_tau:
+            tau = 1.0 + (config.tau - 1.0) * discrimination
+        else:
             tau = torch.full_like(uncertainty, config.tau)
         log_p = torch.log_softmax(teacher / tau[:, None], dim=-1)
         log_q = torch.log_softmax(student[distilled_rows] / tau[:, None], dim=-1)

@@ -67,7 +67,7 @@ class Specialization:
     tail: bool = False
     record: str = "none"
     ring_dtype: torch.dtype = torch.bfloat16
-    dynamic: bool = True
+    dynamic: bool | str = True  # DistillConfig.dynamic: True, False, "alpha" or "tau"
     compute_grad: bool = True
     vocab_size: int = LARGE_VOCAB
 
@@ -82,13 +82,15 @@ class Specialization:
         if self.record != "none":
             ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record == "rows" else ""
             parts.append(f"record-{self.record}{ring}")
-        parts.append("dynamic" if self.dynamic else "static")
+        parts.append(DYNAMIC_NAMES[self.dynamic])
         parts.append("grad" if self.compute_grad else "forward")
         if self.vocab_size != LARGE_VOCAB:
             parts.append(f"V{self.vocab_size}")
         return "-".join(parts)
 
 
+# DistillConfig.dynamic's values, as they appear in a specialization's name.
+DYNAMIC_NAMES = {False: "static", True: "dynamic", "alpha": "alpha-only", "tau": "tau-only"}
 # The teacher side as one factor: its kind, whether statistics are given and whether a tail is.
 TEACHER_SIDES = {
     "none": dict(teacher="none"),
@@ -101,7 +103,7 @@ TEACHER_SIDES = {
 FACTORS = {
     "side": tuple(TEACHER_SIDES),
     "record": RECORDS,
-    "dynamic": (False, True),
+    "dynamic": tuple(DYNAMIC_NAMES),
     "compute_grad": (False, True),
     "logits_dtype": LOGIT_DTYPES,
     "teacher_dtype": RING_DTYPES,
@@ -130,7 +132,7 @@ def flag_product(
     logits_dtype: torch.dtype = torch.bfloat16, teacher_dtype: torch.dtype = torch.bfloat16
 ) -> list[Specialization]:
     """Every combination of the kernel's flags (teacher side, record, dynamic, gradient) at one pair of
-    dtypes: 5 * 3 * 2 * 2 = 60 specializations."""
+    dtypes: 5 * 3 * 4 * 2 = 120 specializations."""
     names = ("side", "record", "dynamic", "compute_grad")
     return [
         _specialization(dict(zip(names, values), logits_dtype=logits_dtype, teacher_dtype=teacher_dtype))

@@ -2,8 +2,9 @@
 
 Per row r (student logits z, label y, teacher logits t when the row has a teacher):
 
-    pre-pass (only when DYNAMIC and no teacher statistics were given): (u, d) of t at temperature 1,
-              because tau_r must be known before the temperature-tau sums of pass 1 can start.
+    pre-pass (only when DYNAMIC_TAU and no teacher statistics were given): (u, d) of t at temperature 1,
+              because tau_r must be known before the temperature-tau sums of pass 1 can start (alpha_r
+              is needed only in pass 2, so DYNAMIC_ALPHA alone takes u from pass 1).
     pass 1:   online max / sum states of z at temperature 1 (cross-entropy and the student's own
               (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
     pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
@@ -138,7 +139,8 @@ def _dynsdpb_row_kernel(
     inv_log_v,
     HAS_TEACHER: tl.constexpr,
     HAS_TEACHER_STATS: tl.constexpr,
-    DYNAMIC: tl.constexpr,
+    DYNAMIC_ALPHA: tl.constexpr,
+    DYNAMIC_TAU: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     RECORD: tl.constexpr,
     RECORD_ROWS: tl.constexpr,
@@ -172,7 +174,7 @@ def _dynsdpb_row_kernel(
         if distilled:
             t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * 2).to(tl.float32)
             t_discrimination = tl.load(teacher_stats_ptr + teacher_id * 2 + 1).to(tl.float32)
-    elif DYNAMIC:
+    elif DYNAMIC_TAU:
         if distilled:
             tm1 = float("-inf")
             tm2 = float("-inf")
@@ -185,11 +187,9 @@ def _dynsdpb_row_kernel(
                 tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
 
-    if DYNAMIC:
-        alpha_r = alpha * (1.0 - t_uncertainty)
+    if DYNAMIC_TAU:
         tau_r = 1.0 + (tau - 1.0) * t_discrimination
     else:
-        alpha_r = alpha + 0.0 * t_uncertainty
         tau_r = tau + 0.0 * t_discrimination
     inv_tau = 1.0 / tau_r
 
@@ -222,7 +222,7 @@ def _dynsdpb_row_kernel(
             if not TEACHER_TOPK:
                 t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 tm1_old = tm1
-                if HAS_TEACHER_STATS or DYNAMIC:
+                if HAS_TEACHER_STATS or DYNAMIC_TAU:
                     tm1 = tl.maximum(tm1, tl.max(t, axis=0))
                 else:
                     tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
@@ -230,9 +230,13 @@ def _dynsdpb_row_kernel(
                     tl.where(mask, tl.exp((t - tm1) * inv_tau), 0.0), axis=0
                 )
 
-    if not HAS_TEACHER_STATS and not DYNAMIC:
+    if not HAS_TEACHER_STATS and not DYNAMIC_TAU:
         if distilled:
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
+    if DYNAMIC_ALPHA:
+        alpha_r = alpha * (1.0 - t_uncertainty)
+    else:
+        alpha_r = alpha + 0.0 * t_uncertainty
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
@@ -434,7 +438,8 @@ def triton_fused_rows(
     constexprs = dict(
         HAS_TEACHER=has_teacher,
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
-        DYNAMIC=config.dynamic,
+        DYNAMIC_ALPHA=config.dynamic_alpha,
+        DYNAMIC_TAU=config.dynamic_tau,
         COMPUTE_GRAD=grad is not None,
         RECORD=record is not None,
         RECORD_ROWS=record is not None and record.ring_logits is not None,

@@ -13,6 +13,10 @@ from dynsdpb_kernels import triton_kernel  # noqa: E402
 # Backends every correctness test runs against.
 BACKENDS = ["reference", "triton", "cpu"]
 
+# Every value of `dynamic`: the full rule, DLB's constants, and the two one-sided ablations.
+DYNAMIC_MODES = [True, False, "alpha", "tau"]
+DYNAMIC_IDS = ["dynamic", "fixed", "alpha-only", "tau-only"]
+
 # Small vocabulary blocks, so that V = 300 spans five blocks with a ragged last one.
 TEST_BLOCK_V = 64
 

@@ -40,6 +40,7 @@ CASES = {
     "tau nan": (lambda l, y, t, m: (l, y, t, m, {"tau": math.nan}), ValueError, "tau must be"),
     "alpha negative": (lambda l, y, t, m: (l, y, t, m, {"alpha": -0.1}), ValueError, "alpha must be a finite number >= 0"),
     "alpha inf": (lambda l, y, t, m: (l, y, t, m, {"alpha": math.inf}), ValueError, "alpha must be"),
+    "dynamic": (lambda l, y, t, m: (l, y, t, m, {"dynamic": "both"}), ValueError, "dynamic must be True, False, 'alpha' or 'tau', got 'both'"),
     "ignore_index float": (lambda l, y, t, m: (l, y, t, m, {"ignore_index": -100.0}), TypeError, "ignore_index must be an int"),
     "reduction": (lambda l, y, t, m: (l, y, t, m, {"reduction": "batchmean"}), ValueError, "reduction must be one of"),
     "backend": (lambda l, y, t, m: (l, y, t, m, {"backend": "cuda"}), ValueError, "backend must be one of"),

@@ -6,8 +6,8 @@ the block width and warps the launcher picks for a large vocabulary, and every c
 as does a spill on sm_90 (the target the block width was chosen for).
 The specializations (dynsdpb_kernels/triton_aot.py): on sm_90 every combination of the kernel's flags
 (teacher none / dense / dense with statistics / top-k / top-k with tail; record none / rows / statistics;
-dynamic; gradient) in bfloat16; on both targets a set holding every pair of values of those factors and of
-the logits' and teachers' dtypes (float32, bfloat16, float16, float64 logits; float32, bfloat16, float16
+dynamic True / False / "alpha" / "tau"; gradient) in bfloat16; on both targets a set holding every pair of
+values of those factors and of the logits' and teachers' dtypes (float32, bfloat16, float16, float64 logits; float32, bfloat16, float16
 teachers and rings), a vocabulary that is not a multiple of 16, and what bench/gpu_check.py launches.
 
 Compiling needs the real triton.jit, which TRITON_INTERPRET=1 (conftest.py) replaces, so the compiles

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS
+from conftest import BACKENDS, DYNAMIC_IDS, DYNAMIC_MODES
 from truth import eager_dynsdpb, truth_dynsdpb
 
 from dynsdpb_kernels import dynsdpb_loss
@@ -104,7 +104,7 @@ def check_against_truth(backend, logits, labels, teacher_logits, teacher_mask, g
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab_size", [40, 300], ids=lambda v: f"V{v}")
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("dynamic", DYNAMIC_MODES, ids=DYNAMIC_IDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_matches_truth(backend, dtype, vocab_size, dynamic, reduction):
     """Ignored rows, rows without a teacher, V below one block (40 < 64) and over five blocks with a
@@ -118,7 +118,7 @@ def test_matches_truth(backend, dtype, vocab_size, dynamic, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("dynamic", DYNAMIC_MODES, ids=DYNAMIC_IDS)
 def test_temperatures(backend, tau, dynamic):
     logits, labels, teacher_logits, teacher_mask = make_case((6,), 150, torch.float32)
     check_against_truth(backend, logits, labels, teacher_logits, teacher_mask, tau=tau, alpha=0.7, dynamic=dynamic)

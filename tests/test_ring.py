@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS
+from conftest import BACKENDS, DYNAMIC_IDS, DYNAMIC_MODES
 from truth import truth_dynsdpb
 
 from dynsdpb_kernels import DistillConfig, DynSDPBLoss, LossOptions, TeacherRing, fused_loss
@@ -91,7 +91,7 @@ def _valid_rows(logits, labels):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("dynamic", DYNAMIC_MODES, ids=DYNAMIC_IDS)
 def test_module_dlb_steps_match_truth(backend, teacher_dtype, dynamic):
     """Three DLB steps with dynamic padding: each step's loss and gradient equal the float64 truth
     computed with teachers taken by hand from the previous step's logits (rounded to the ring's dtype)."""

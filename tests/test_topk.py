@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS
+from conftest import BACKENDS, DYNAMIC_IDS, DYNAMIC_MODES
 from truth import teacher_uncertainty_discrimination
 from test_loss import assert_one_rounding
 
@@ -25,8 +25,8 @@ def topk_truth(logits, labels, teacher_full, index, k, alpha, tau, dynamic, with
     rows = distilled.nonzero().squeeze(1)
     teacher = teacher_full[index[rows]].double()
     u, d = teacher_uncertainty_discrimination(teacher)
-    alpha_r = alpha * (1 - u) if dynamic else torch.full_like(u, alpha)
-    tau_r = 1 + (tau - 1) * d if dynamic else torch.full_like(u, tau)
+    alpha_r = alpha * (1 - u) if dynamic in (True, "alpha") else torch.full_like(u, alpha)
+    tau_r = 1 + (tau - 1) * d if dynamic in (True, "tau") else torch.full_like(u, tau)
     values, support = teacher.topk(k, dim=-1)
     log_q_full = F.log_softmax(z[rows] / tau_r[:, None], -1)
     log_q = log_q_full.gather(1, support)
@@ -49,7 +49,7 @@ def topk_inputs(teacher_full, k, ring_dtype, tau=2.5, dynamic=True):
     """Top-k values and ids, (u, d) and the tail mass at tau_r, computed here in float64."""
     values, support = teacher_full.topk(k, dim=-1)
     u, d = teacher_uncertainty_discrimination(teacher_full.double())
-    tau_r = 1 + (tau - 1) * d if dynamic else torch.full_like(d, tau)
+    tau_r = 1 + (tau - 1) * d if dynamic in (True, "tau") else torch.full_like(d, tau)
     tail = 1 - F.softmax(teacher_full.double() / tau_r[:, None], -1).gather(1, support).sum(-1)
     return values.to(ring_dtype), support, torch.stack([u, d], -1).float(), tail.float()
 
@@ -58,7 +58,7 @@ def topk_inputs(teacher_full, k, ring_dtype, tau=2.5, dynamic=True):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("k", [1, 16, 300], ids=lambda k: f"k{k}")
 @pytest.mark.parametrize("inplace", [False, True], ids=["fresh", "inplace"])
-@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic", "fixed"])
+@pytest.mark.parametrize("dynamic", DYNAMIC_MODES, ids=DYNAMIC_IDS)
 @pytest.mark.parametrize("with_tail", [False, True], ids=["plain", "tail"])
 def test_topk_teacher_matches_truth(backend, dtype, k, inplace, dynamic, with_tail):
     n_rows, vocab_size = 9, 300

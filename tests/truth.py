@@ -30,7 +30,7 @@ def eager_dynsdpb(
     *,
     alpha: float = 1.0,
     tau: float = 3.0,
-    dynamic: bool = True,
+    dynamic: bool | str = True,
     ignore_index: int = -100,
     reduction: str = "mean",
     grad_output: torch.Tensor | float = 1.0,
@@ -59,12 +59,11 @@ def eager_dynsdpb(
         distilled = valid & has_teacher
         stats_source = t if stats_from is None else stats_from.detach().reshape(-1, vocab_size).to(dtype)
         uncertainty, discrimination = teacher_uncertainty_discrimination(stats_source)
-        if dynamic:
-            alpha_r = alpha * (1 - uncertainty)
-            tau_r = 1 + (tau - 1) * discrimination
-        else:
-            alpha_r = torch.full_like(uncertainty, alpha)
-            tau_r = torch.full_like(uncertainty, tau)
+        # dynamic: True (both), "alpha" or "tau" (one half of the rule), False (DLB's constants)
+        weight_follows_teacher = dynamic is True or dynamic == "alpha"
+        temperature_follows_teacher = dynamic is True or dynamic == "tau"
+        alpha_r = alpha * (1 - uncertainty) if weight_follows_teacher else torch.full_like(uncertainty, alpha)
+        tau_r = 1 + (tau - 1) * discrimination if temperature_follows_teacher else torch.full_like(uncertainty, tau)
         log_q = F.log_softmax(z / tau_r[:, None], dim=-1)
         log_p = F.log_softmax(t / tau_r[:, None], dim=-1)
         kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)

@@ -1,4 +1,4 @@
-// C++ CPU kernel of the fused DynSDPB loss, with the Triton kernel's semantics (dynsdpb_kernels/rows.py).
+// C++ CPU kernel of the fused DynSDPB loss, with the Triton kernel's semantics (dynsdpb_kernels/contract.py).
 //
 // SIMD: every hot loop is written with ATen's portable vector layer, at::vec::Vectorized<float> (8 lanes
 // under AVX2, 16 under AVX-512, scalar under DEFAULT), its inline exp_u20 (measured: relative error below
@@ -298,7 +298,8 @@ struct Scratch {
 // their support. `block`: elements per block of the streamed passes (any positive number).
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
-                const at::Tensor& grad_scale, double alpha, double tau, bool dynamic, int64_t ignore_index,
+                const at::Tensor& grad_scale, double alpha, double tau, bool dynamic_alpha, bool dynamic_tau,
+                int64_t ignore_index,
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
                 const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support,
@@ -340,13 +341,14 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       const int64_t slot = record ? record_ptr[row] : -1;
 
       // alpha_r, tau_r: known before the row is read when the teacher's (u, d) are stored or tau is fixed
+      // (dynamic_alpha alone needs u only after pass A, so the fixed-tau sums still go in pass A)
       float t_uncertainty = 0.0f, t_discrimination = 0.0f, alpha_r = 0.0f, tau_r = 0.0f, inv_tau = 1.0f;
       auto set_temperature = [&]() {
-        alpha_r = dynamic ? static_cast<float>(alpha) * (1.0f - t_uncertainty) : static_cast<float>(alpha);
-        tau_r = dynamic ? 1.0f + (static_cast<float>(tau) - 1.0f) * t_discrimination : static_cast<float>(tau);
+        alpha_r = dynamic_alpha ? static_cast<float>(alpha) * (1.0f - t_uncertainty) : static_cast<float>(alpha);
+        tau_r = dynamic_tau ? 1.0f + (static_cast<float>(tau) - 1.0f) * t_discrimination : static_cast<float>(tau);
         inv_tau = 1.0f / tau_r;
       };
-      const bool tempered_in_pass_a = distilled && (has_stats || !dynamic);
+      const bool tempered_in_pass_a = distilled && (has_stats || !dynamic_tau);
       if (distilled && has_stats) {
         t_uncertainty = stats_ptr[2 * teacher];
         t_discrimination = stats_ptr[2 * teacher + 1];
@@ -502,6 +504,6 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
 int64_t vector_lanes() { return kLanes; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_rows", &fused_rows, "Fused DynSDPB loss rows on the CPU (see dynsdpb_kernels/rows.py)");
+  m.def("fused_rows", &fused_rows, "Fused DynSDPB loss rows on the CPU (see dynsdpb_kernels/contract.py)");
   m.def("vector_lanes", &vector_lanes, "float32 lanes per vector of the build (8 for AVX2, 16 for AVX-512)");
 }

@@ -154,7 +154,7 @@ class DynSDPBTrainerMixin:
         dynsdpb_loss: DynSDPBLoss | None = None,
         alpha: float = 1.0,
         tau: float = 3.0,
-        dynamic: bool = True,
+        dynamic: bool | str = True,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
         fused_linear: bool = False,

@@ -1,0 +1,146 @@
+"""`dynsdpb study`: the tiny configuration end to end, its resumability, and the pieces it is built from."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dynsdpb_kernels.cli import main
+from dynsdpb_kernels.tools.finetune import ByteTokenizer, tiny_llama
+from dynsdpb_kernels.tools.study import (
+    ARMS,
+    CSV_COLUMNS,
+    Example,
+    StudyConfig,
+    TopModel,
+    batch_tensors,
+    check_config,
+    frozen_features,
+    mean_std_ci,
+    step_batches,
+    t_quantile_975,
+)
+
+
+def test_tiny_study_runs_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    main(["study", "--tiny", "--out", str(out)])
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == CSV_COLUMNS
+    expected = {(task, arm, str(seed)) for task in ("sentiment", "gsm") for arm in ARMS for seed in range(2)}
+    assert {(r["task"], r["arm"], r["seed"]) for r in rows} == expected
+    for row in rows:
+        assert 0.0 <= float(row["value"]) <= 1.0 and float(row["wall_s"]) > 0 and math.isfinite(float(row["heldout_loss"]))
+        assert row["metric"] == ("accuracy" if row["task"] == "sentiment" else "token_accuracy")
+    summary = json.loads((out / "summary.json").read_text())
+    for task in ("sentiment", "gsm"):
+        arms = summary["tasks"][task]["arms"]
+        assert set(arms) == set(ARMS) and "diff_to_ce" not in arms["ce"]
+        ce = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "ce"}
+        dlb = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "dlb"}
+        assert arms["dlb"]["diff_to_ce"]["mean"] == pytest.approx(sum(dlb[s] - ce[s] for s in ce) / len(ce), abs=1e-6)
+        assert (out / f"{task}.png").is_file()
+    assert (out / "curves.png").is_file()
+    # every DLB-arm run found a teacher for each re-run sample after the first step
+    for path in (out / "runs").glob("*-seed*.json"):
+        run = json.loads(path.read_text())
+        assert run["teacher_misses_after_first"] == 0
+        assert (run["teacher_samples"] > 0) == (run["arm"] != "ce")
+
+    # resumed: a deleted run is recomputed with the same result, the others are read back untouched
+    target = out / "runs" / "gsm-dynsdpb-seed1.json"
+    before = json.loads(target.read_text())
+    untouched = (out / "runs" / "sentiment-ce-seed0.json").stat().st_mtime_ns
+    target.unlink()
+    main(["study", "--tiny", "--out", str(out)])
+    after = json.loads(target.read_text())
+    assert after["train_ce"] == before["train_ce"] and after["heldout"] == before["heldout"]
+    assert (out / "runs" / "sentiment-ce-seed0.json").stat().st_mtime_ns == untouched
+
+
+def test_split_model_equals_the_full_model():
+    """Frozen lower layers + TopModel give the logits of the whole model at the target positions."""
+    tokenizer = ByteTokenizer()
+    model = tiny_llama(tokenizer.vocab_size, seed=3, layers=3).eval()
+    examples = []
+    for text in ("a short one", "a rather longer example sentence"):
+        ids = torch.tensor(tokenizer.encode(text))
+        examples.append(Example(ids, torch.arange(2, len(ids) - 1), ids[3:]))
+    features = frozen_features(model, examples, n_frozen=2, pad_id=tokenizer.pad_token_id)
+    top = TopModel(model, n_frozen=2)
+    assert {name.split(".")[0] for name, _ in top.named_parameters()} == {"layers", "norm"}
+    feats, mask, positions, labels = batch_tensors(examples, [0, 1], features)
+    logits = top(feats, mask, positions)
+    for row, example in enumerate(examples):
+        full = model(input_ids=example.input_ids[None]).logits[0]
+        k = len(example.target_positions)
+        torch.testing.assert_close(logits[row, :k], full[example.target_positions], rtol=1e-4, atol=1e-5)
+        assert (labels[row, k:] == -100).all() and torch.equal(labels[row, :k], example.target_tokens)
+
+
+def test_every_arm_sees_the_same_new_samples():
+    steps = step_batches(n_train=10, batch_size=3, steps=9, seed=4)
+    new_stream = [i for _, new in steps for i in new]
+    assert all(len(new) == 3 or len(new) == 1 for _, new in steps)  # 10 = 3 + 3 + 3 + 1 per epoch
+    assert sorted(new_stream[:10]) == list(range(10))  # the first epoch covers every sample once
+    for (previous_batch, previous_new), (batch, new) in zip(steps, steps[1:]):
+        assert batch == previous_new + new and not set(previous_new) & set(new)
+
+
+def t_cdf_above_zero(q: float, df: int) -> float:
+    """P(0 < T < q) for Student's t with df degrees of freedom, by Simpson's rule on its density in float64
+    (an independent check of the study's quantile table)."""
+    x = torch.linspace(0.0, q, 20001, dtype=torch.float64)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = torch.exp(log_norm - (df + 1) / 2 * torch.log1p(x * x / df))
+    weights = torch.ones_like(x)
+    weights[1:-1:2], weights[2:-1:2] = 4.0, 2.0
+    return float((density * weights).sum() * (q / (len(x) - 1)) / 3)
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 9, 30, 31, 60, 200])
+def test_t_quantiles(df):
+    """t_{0.975, df} leaves 2.5% above it: P(0 < T < q) = 0.475 (the table to its 4 decimals, the expansion beyond)."""
+    assert t_cdf_above_zero(t_quantile_975(df), df) == pytest.approx(0.475, abs=2e-5)
+
+
+def test_confidence_interval():
+    values = [float(v) for v in torch.randn(6, dtype=torch.float64)]
+    stats = mean_std_ci(values)
+    reference = torch.tensor(values, dtype=torch.float64)
+    assert stats["mean"] == pytest.approx(float(reference.mean()), rel=1e-12)
+    assert stats["std"] == pytest.approx(float(reference.std()), rel=1e-9)
+    half_width = stats["ci_high"] - stats["mean"]
+    assert half_width == pytest.approx(stats["mean"] - stats["ci_low"], rel=1e-12)
+    assert half_width == pytest.approx(2.5706 * float(reference.std()) / math.sqrt(6), rel=1e-9)
+    assert math.isnan(mean_std_ci([1.0])["std"])
+    scipy_stats = pytest.importorskip("scipy.stats")  # also against scipy where it is installed
+    assert half_width == pytest.approx(float(scipy_stats.t.ppf(0.975, 5)) * float(scipy_stats.sem(values)), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [({"arms": ("ce", "kd")}, "arms must be among"), ({"tasks": ("mnli",)}, "tasks must be among"), ({"seeds": 0}, "seeds must be a positive int")],
+)
+def test_bad_study_options_are_named(tmp_path, change, message):
+    config = StudyConfig.tiny(tmp_path)
+    for name, value in change.items():
+        setattr(config, name, value)
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
+
+
+def test_workers_claim_runs(tmp_path):
+    """A run claimed by a live process is skipped by another worker; a dead owner's claim is taken over."""
+    from dynsdpb_kernels.tools.study import _claim
+
+    run = tmp_path / "gsm-dlb-seed0.json"
+    assert _claim(run) and not _claim(run)  # this process holds it now
+    run.with_suffix(".claim").write_text("999999999")  # no such process
+    assert _claim(run) and run.with_suffix(".claim").read_text() == str(os.getpid())
