@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     study.add_argument(
         "--out", type=Path, default=Path("dynsdpb_study"),
-        help="folder that receives results.csv, summary.json, <task>.png, curves.png and runs/ (one JSON per run; "
+        help="folder that receives results.csv, summary.json/.txt/.md, <task>.png, curves.png and runs/ (one JSON per run; "
         "a rerun with the same --out continues where a killed one stopped)",
     )
     study.add_argument("--tiny", action="store_true", help="CI configuration: tiny random LLaMA, 2 seeds, a few steps")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     study.add_argument("--arms", type=_str_list, default=None, help="comma-separated, of ce,dlb,dynsdpb,alpha_only,tau_only (None: all)")
     study.add_argument("--tasks", type=_str_list, default=None, help="comma-separated, of sentiment,gsm (None: both)")
     study.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default, one per core)")
-    study.add_argument("--summarize-only", action="store_true", help="only rewrite results.csv, summary.json and the plots from the stored runs")
+    study.add_argument("--summarize-only", action="store_true", help="only rewrite results.csv, summary.json/.txt/.md and the plots from the stored runs")
     args = parser.parse_args(argv)
 
     if args.command == "study":

@@ -42,16 +42,29 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     for task in ("sentiment", "gsm"):
         arms = summary["tasks"][task]["arms"]
         assert set(arms) == set(ARMS) and "diff_to_ce" not in arms["ce"]
+        assert "diff_to_ce_rerun" in arms["dlb"] and not {"diff_to_ce_rerun"} & (set(arms["ce"]) | set(arms["ce_rerun"]))
         ce = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "ce"}
         dlb = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "dlb"}
         assert arms["dlb"]["diff_to_ce"]["mean"] == pytest.approx(sum(dlb[s] - ce[s] for s in ce) / len(ce), abs=1e-6)
         assert (out / f"{task}.png").is_file()
     assert (out / "curves.png").is_file()
+    assert "diff to ce_rerun" in (out / "summary.txt").read_text()
+    assert (out / "summary.md").read_text().count("| dynsdpb | 2 |") == 2
     # every DLB-arm run found a teacher for each re-run sample after the first step
     for path in (out / "runs").glob("*-seed*.json"):
         run = json.loads(path.read_text())
         assert run["teacher_misses_after_first"] == 0
-        assert (run["teacher_samples"] > 0) == (run["arm"] != "ce")
+        assert (run["teacher_samples"] > 0) == (ARMS[run["arm"]].dynamic is not None)
+    # step 1 has no previous samples: every arm starts from the same weights on the same batch, and the
+    # distilling arms have no teacher yet (their loss is the CE); ce_rerun is DLB's batch without distillation
+    for task in ("sentiment", "gsm"):
+        for seed in range(2):
+            runs = {arm: json.loads((out / "runs" / f"{task}-{arm}-seed{seed}.json").read_text()) for arm in ARMS}
+            for arm, run in runs.items():
+                assert run["train_ce"][0] == pytest.approx(runs["ce"]["train_ce"][0], rel=1e-5)
+                assert run["train_loss"][0] == pytest.approx(run["train_ce"][0], rel=1e-6)
+            assert runs["ce_rerun"]["train_loss"] == runs["ce_rerun"]["train_ce"]
+            assert runs["ce_rerun"]["train_ce"][1] != pytest.approx(runs["ce"]["train_ce"][1], rel=1e-6)
 
     # resumed: a deleted run is recomputed with the same result, the others are read back untouched
     target = out / "runs" / "gsm-dynsdpb-seed1.json"

@@ -1,8 +1,10 @@
 """The `dynsdpb study` job: does self-distillation from the previous mini-batch help? CE vs DLB vs DynSDPB,
 and the two halves of the dynamic rule, over several seeds on SmolLM2-135M-Instruct.
 
-Arms (ARMS): "ce" (plain cross-entropy), "dlb" (dynamic=False: constant alpha, tau), "dynsdpb"
-(dynamic=True), "alpha_only" (dynamic="alpha") and "tau_only" (dynamic="tau").
+Arms (ARMS): "ce" (plain cross-entropy on the new samples), "ce_rerun" (plain cross-entropy on DLB's batch:
+the previous step's new samples again + the new ones, no distillation: the control that separates DLB's
+re-run from its distillation), "dlb" (dynamic=False: constant alpha, tau), "dynsdpb" (dynamic=True),
+"alpha_only" (dynamic="alpha") and "tau_only" (dynamic="tau").
 
 Design (the README's "Does it help?" section explains the choices):
 - The model is loaded as `dynsdpb finetune` loads it. Its lower decoder layers are frozen and their output
@@ -10,14 +12,16 @@ Design (the README's "Does it help?" section explains the choices):
   top `top_layers` decoder layers and the final norm from the same pretrained weights. The tied
   embedding / LM head stays frozen. Logits are computed only at the target positions.
 - Every arm sees the same new samples in the same order per seed (OverlapBatchSampler's stream; "ce"
-  trains on each batch's new samples only), and makes the same number of optimizer updates. The DLB arms
-  also re-run the previous step's new samples (DLB's batch construction): CE on both halves and the
-  distillation term on the re-run half, so they do about twice the forward/backward work per update;
-  their wall time per run is reported.
+  trains on each batch's new samples only), and makes the same number of optimizer updates. The other
+  arms also re-run the previous step's new samples (DLB's batch construction): CE on both halves and, in
+  the distilling arms, the distillation term on the re-run half, so they do about twice the
+  forward/backward work per update; their wall and CPU time per run are reported. "ce_rerun" does that
+  re-run without distillation, so (arm - ce_rerun) is what the distillation term itself adds.
 - Seeds change the data order only. The held-out score is computed once at the end of training on the
   whole held-out split; a training curve (held-out metric on a fixed subset) is taken at a few steps.
 - Results: one JSON file per (task, arm, seed) under OUT/runs, written atomically and skipped when it
-  already exists, so a killed study continues where it stopped; then OUT/results.csv, OUT/summary.json,
+  already exists, so a killed study continues where it stopped; then OUT/results.csv, OUT/summary.json
+  (.txt: the printed table, .md: the same as Markdown tables),
   OUT/<task>.png (held-out metric per arm, a dot per seed) and OUT/curves.png.
 
 Tasks: "sentiment" (Rotten Tomatoes review sentences, data/rt_snippets.jsonl.gz: the label word
@@ -49,8 +53,23 @@ from ..sampler import OverlapBatchSampler
 
 SENTIMENT_PATH = DATA_PATH.parent / "rt_snippets.jsonl.gz"
 
-# arm -> the `dynamic` option of its DynSDPBLoss; None: plain cross-entropy, no previous samples
-ARMS: dict[str, bool | str | None] = {"ce": None, "dlb": False, "dynsdpb": True, "alpha_only": "alpha", "tau_only": "tau"}
+@dataclass(frozen=True)
+class Arm:
+    """How an arm trains. rerun: on DLB's batch (the previous step's new samples + the new ones) instead of
+    the new samples only. dynamic: the `dynamic` option of its DynSDPBLoss; None: plain cross-entropy."""
+
+    rerun: bool
+    dynamic: bool | str | None
+
+
+ARMS: dict[str, Arm] = {
+    "ce": Arm(rerun=False, dynamic=None),
+    "ce_rerun": Arm(rerun=True, dynamic=None),
+    "dlb": Arm(rerun=True, dynamic=False),
+    "dynsdpb": Arm(rerun=True, dynamic=True),
+    "alpha_only": Arm(rerun=True, dynamic="alpha"),
+    "tau_only": Arm(rerun=True, dynamic="tau"),
+}
 TASKS = ("sentiment", "gsm")
 
 # two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (standard tables; e.g. scipy.stats.t.ppf)
@@ -373,7 +392,7 @@ def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data
     top.train()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(top.trainable(), lr=spec.lr, weight_decay=0.0)
-    dynamic = ARMS[arm]
+    dynamic = ARMS[arm].dynamic
     loss_fn = None
     if dynamic is not None:
         max_rows = max(len(e.target_positions) for e in train)
@@ -389,7 +408,7 @@ def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data
     cpu_started = time.process_time()  # CPU time of all threads: the cost, whatever else shares the machine
     for step, (batch, new) in enumerate(step_batches(len(train), config.batch_size, spec.steps, seed), start=1):
         started = time.perf_counter()
-        ids = new if loss_fn is None else batch
+        ids = batch if ARMS[arm].rerun else new
         feats, mask, positions, labels = batch_tensors(train, ids, train_features)
         logits = top(feats, mask, positions)
         if loss_fn is None:
@@ -463,7 +482,7 @@ def machine() -> dict:
 
 
 def run_study(config: StudyConfig) -> dict:
-    """Run every missing (task, arm, seed), then write results.csv, summary.json and the plots; returns the summary."""
+    """Run every missing (task, arm, seed), then write results.csv, summary.json/.txt/.md and the plots; returns the summary."""
     from tqdm.auto import tqdm
 
     check_config(config)
@@ -533,11 +552,17 @@ def run_study(config: StudyConfig) -> dict:
 # -- aggregation ---------------------------------------------------------------------------------------------
 
 
-CSV_COLUMNS = ["task", "arm", "seed", "metric", "value", "wall_s", "cpu_s", "heldout_loss", "two_way_accuracy", "eval_s", "steps", "final_train_ce"]
+CSV_COLUMNS = ["task", "arm", "seed", "metric", "value", "wall_s", "cpu_s", "heldout_loss", "two_way_accuracy", "eval_s", "steps",
+               "final_train_ce", "mean_distill_term"]  # fmt: skip
+
+
+def mean_distill_term(run: dict) -> float:
+    """Mean over steps of the loss minus its CE part: the distillation term as trained (0 for the CE arms)."""
+    return sum(loss - ce for loss, ce in zip(run["train_loss"], run["train_ce"])) / len(run["train_ce"])
 
 
 def summarize(config: StudyConfig, description: str | None = None) -> dict:
-    """results.csv, summary.json and the plots from the stored runs of this configuration (those that
+    """results.csv, summary.json/.txt/.md and the plots from the stored runs of this configuration (those that
     exist: a study stopped early is summarized over the runs it finished)."""
     runs_dir = config.out / "runs"
     paths = [runs_dir / f"{t}-{a}-seed{s}.json" for t in config.tasks for a in config.arms for s in range(config.seeds)]
@@ -558,6 +583,7 @@ def summarize(config: StudyConfig, description: str | None = None) -> dict:
                 "two_way_accuracy": f"{run['heldout']['two_way_accuracy']:.6f}" if "two_way_accuracy" in run["heldout"] else "",
                 "eval_s": f"{run['eval_s']:.3f}", "steps": len(run["train_ce"]),
                 "final_train_ce": f"{sum(run['train_ce'][-10:]) / len(run['train_ce'][-10:]):.6f}",
+                "mean_distill_term": f"{mean_distill_term(run):.3e}",
             })  # fmt: skip
     summary: dict = {"model": description, "config": {k: str(v) for k, v in asdict(config).items()}, "machine": runs[0]["machine"] if runs else machine(), "tasks": {}}
     for task in config.tasks:
@@ -572,32 +598,75 @@ def summarize(config: StudyConfig, description: str | None = None) -> dict:
             values = [r["value"] for r in arm_runs]
             stats = {"value": mean_std_ci(values), "heldout_loss": mean_std_ci([r["heldout"]["loss"] for r in arm_runs]),
                      "wall_s": mean_std_ci([r["wall_s"] for r in arm_runs]), "cpu_s": mean_std_ci([r["cpu_s"] for r in arm_runs])}  # fmt: skip
-            if arm != "ce" and "ce" in by_arm:
-                ce_values = {r["seed"]: r for r in by_arm["ce"]}
-                paired = [r for r in arm_runs if r["seed"] in ce_values]
-                stats["diff_to_ce"] = mean_std_ci([r["value"] - ce_values[r["seed"]]["value"] for r in paired])
-                stats["loss_diff_to_ce"] = mean_std_ci([r["heldout"]["loss"] - ce_values[r["seed"]]["heldout"]["loss"] for r in paired])
+            stats["distill_term"] = mean_std_ci([mean_distill_term(r) for r in arm_runs])
+            for baseline in ("ce", "ce_rerun"):  # paired over the seeds both arms have
+                if arm == baseline or baseline not in by_arm or (baseline == "ce_rerun" and ARMS[arm].dynamic is None):
+                    continue
+                base = {r["seed"]: r for r in by_arm[baseline]}
+                paired = [r for r in arm_runs if r["seed"] in base]
+                stats[f"diff_to_{baseline}"] = mean_std_ci([r["value"] - base[r["seed"]]["value"] for r in paired])
+                stats[f"loss_diff_to_{baseline}"] = mean_std_ci([r["heldout"]["loss"] - base[r["seed"]]["heldout"]["loss"] for r in paired])
             entry["arms"][arm] = stats
         summary["tasks"][task] = entry
     _write_json(config.out / "summary.json", summary)
-    print(format_summary(summary))
+    text = format_summary(summary)
+    (config.out / "summary.txt").write_text(text + "\n")
+    (config.out / "summary.md").write_text(format_markdown(summary))
+    print(text)
     plot_results(runs, summary, config.out)
     return summary
 
 
+def _interval(stats: dict | None, digits: int = 4) -> str:
+    """'+mean [low, high]' of a mean_std_ci result, '' when absent."""
+    if not stats:
+        return ""
+    return f"{stats['mean']:+.{digits}f} [{stats['ci_low']:+.{digits}f}, {stats['ci_high']:+.{digits}f}]"
+
+
 def format_summary(summary: dict) -> str:
+    """The printed summary: per task and arm, the held-out metric, its paired differences to ce and to
+    ce_rerun with 95% CIs, the held-out loss, the mean distillation term and the time per run."""
     lines = [f"model: {summary['model']}"]
     for task, entry in summary["tasks"].items():
         start = entry["heldout_start"][entry["metric"]]
         lines.append(f"\n{task}: held-out {entry['metric']} ({entry['test_examples']} examples; {start:.4f} before training)")
-        lines.append(f"{'arm':>11} {'mean':>8} {'std':>8} {'diff to CE [95% CI]':>30} {'held-out loss':>14} {'train s/run':>12} {'CPU s/run':>10}")
+        lines.append(
+            f"{'arm':>11} {'n':>2} {'mean':>7} {'std':>7} {'diff to ce [95% CI]':>27} {'diff to ce_rerun [95% CI]':>27} "
+            f"{'loss':>7} {'distill':>8} {'train s':>8} {'CPU s':>7}"
+        )  # fmt: skip
         for arm, stats in entry["arms"].items():
-            diff = stats.get("diff_to_ce")
-            diff_text = f"{diff['mean']:+.4f} [{diff['ci_low']:+.4f}, {diff['ci_high']:+.4f}]" if diff else ""
             lines.append(
-                f"{arm:>11} {stats['value']['mean']:>8.4f} {stats['value']['std']:>8.4f} {diff_text:>30} "
-                f"{stats['heldout_loss']['mean']:>14.4f} {stats['wall_s']['mean']:>12.1f} {stats['cpu_s']['mean']:>10.1f}"
-            )
+                f"{arm:>11} {stats['value']['n']:>2} {stats['value']['mean']:>7.4f} {stats['value']['std']:>7.4f} "
+                f"{_interval(stats.get('diff_to_ce')):>27} {_interval(stats.get('diff_to_ce_rerun')):>27} "
+                f"{stats['heldout_loss']['mean']:>7.4f} {stats['distill_term']['mean']:>8.1e} "
+                f"{stats['wall_s']['mean']:>8.1f} {stats['cpu_s']['mean']:>7.1f}"
+            )  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_markdown(summary: dict) -> str:
+    """The summary as one Markdown table per task (the README's tables are this text)."""
+    lines = []
+    for task, entry in summary["tasks"].items():
+        metric = entry["metric"]
+        start = entry["heldout_start"][metric]
+        lines += [
+            f"**{task}** (held-out {metric} on {entry['test_examples']} examples; {start:.4f} before training):", "",
+            f"| arm | seeds | {metric}: mean ± std | difference to ce [95% CI] | difference to ce_rerun [95% CI] "
+            "| held-out loss | loss difference to ce [95% CI] | distillation term | train s/run | CPU s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]  # fmt: skip
+        for arm, stats in entry["arms"].items():
+            value = stats["value"]
+            cells = [
+                arm, str(value["n"]), f"{value['mean']:.4f} ± {value['std']:.4f}",
+                _interval(stats.get("diff_to_ce")) or "-", _interval(stats.get("diff_to_ce_rerun")) or "-",
+                f"{stats['heldout_loss']['mean']:.4f}", _interval(stats.get("loss_diff_to_ce")) or "-",
+                f"{stats['distill_term']['mean']:.1e}", f"{stats['wall_s']['mean']:.1f}", f"{stats['cpu_s']['mean']:.1f}",
+            ]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
