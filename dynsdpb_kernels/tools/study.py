@@ -654,8 +654,9 @@ def format_markdown(summary: dict) -> str:
         lines += [
             f"**{task}** (held-out {metric} on {entry['test_examples']} examples; {start:.4f} before training):", "",
             f"| arm | seeds | {metric}: mean ± std | difference to ce [95% CI] | difference to ce_rerun [95% CI] "
-            "| held-out loss | loss difference to ce [95% CI] | distillation term | train s/run | CPU s/run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| held-out loss | loss difference to ce [95% CI] | loss difference to ce_rerun [95% CI] | distillation term "
+            "| train s/run | CPU s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for arm, stats in entry["arms"].items():
             value = stats["value"]
@@ -663,6 +664,7 @@ def format_markdown(summary: dict) -> str:
                 arm, str(value["n"]), f"{value['mean']:.4f} ± {value['std']:.4f}",
                 _interval(stats.get("diff_to_ce")) or "-", _interval(stats.get("diff_to_ce_rerun")) or "-",
                 f"{stats['heldout_loss']['mean']:.4f}", _interval(stats.get("loss_diff_to_ce")) or "-",
+                _interval(stats.get("loss_diff_to_ce_rerun")) or "-",
                 f"{stats['distill_term']['mean']:.1e}", f"{stats['wall_s']['mean']:.1f}", f"{stats['cpu_s']['mean']:.1f}",
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
