@@ -96,7 +96,7 @@ def check_compiled_operator() -> bool:
     grad_scale = torch.full((2,), 1.0 / n_rows, device="cuda")
     index = torch.arange(n_rows, device="cuda")
     arguments = (hidden @ weight.T, labels, teacher, index, None, None, None, grad_scale, None, None, None, None,
-                 1.0, 3.0, True, -100, True, "triton")
+                 1.0, 3.0, True, True, -100, True, "triton")  # dynamic_alpha, dynamic_tau, ignore_index, ...
     torch.library.opcheck(torch.ops.dynsdpb.triton_fused_rows, arguments)
 
     def step(weight):

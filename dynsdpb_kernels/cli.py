@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     study.add_argument("--arms", type=_str_list, default=None, help="comma-separated, of ce,dlb,dynsdpb,alpha_only,tau_only (None: all)")
     study.add_argument("--tasks", type=_str_list, default=None, help="comma-separated, of sentiment,gsm (None: both)")
     study.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default, one per core)")
+    study.add_argument("--lr", type=float, default=None, help="learning rate of every task (None: each task's default, 1e-4); another --out")
     study.add_argument("--summarize-only", action="store_true", help="only rewrite results.csv, summary.json/.txt/.md and the plots from the stored runs")
     args = parser.parse_args(argv)
 
@@ -88,10 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         from .tools.study import StudyConfig, run_study, summarize
 
         config = StudyConfig.tiny(args.out) if args.tiny else StudyConfig(out=args.out)
-        overrides = {"seeds": args.seeds, "arms": tuple(args.arms or ()), "tasks": tuple(args.tasks or ()), "threads": args.threads}
+        overrides = {"seeds": args.seeds, "arms": args.arms, "tasks": args.tasks, "threads": args.threads}
         for name, value in overrides.items():
-            if value:
-                setattr(config, name, value)
+            if value is not None:  # check_config names bad values (seeds 0, unknown arms, ...)
+                setattr(config, name, tuple(value) if isinstance(value, list) else value)
+        if args.lr is not None:
+            config.with_lr(args.lr)
         if args.summarize_only:
             summarize(config)
         else:

@@ -157,3 +157,13 @@ def test_workers_claim_runs(tmp_path):
     assert _claim(run) and not _claim(run)  # this process holds it now
     run.with_suffix(".claim").write_text("999999999")  # no such process
     assert _claim(run) and run.with_suffix(".claim").read_text() == str(os.getpid())
+
+
+def test_learning_rate_option(tmp_path):
+    config = StudyConfig.tiny(tmp_path)
+    config.with_lr(3e-3)
+    assert config.sentiment.lr == config.gsm.lr == 3e-3
+    assert StudyConfig.tiny(tmp_path).identity() != config.identity()  # stored runs of another lr are refused
+    for bad in (0.0, -1e-3, math.inf, math.nan, "1e-3"):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
+            config.with_lr(bad)

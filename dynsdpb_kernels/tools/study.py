@@ -121,6 +121,13 @@ class StudyConfig:
     def task(self, name: str) -> TaskSpec:
         return getattr(self, name)
 
+    def with_lr(self, lr: float) -> None:
+        """One learning rate for every task (a different study: its runs need their own --out)."""
+        if not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        for name in TASKS:
+            self.task(name).lr = lr
+
     def identity(self) -> dict:
         """What a stored run must agree with to be reused (everything but out and the number of seeds)."""
         return {k: str(v) for k, v in asdict(self).items() if k not in ("out", "seeds", "arms", "tasks", "threads", "cache_dir")}
