@@ -43,12 +43,16 @@ def test_tiny_study_runs_and_resumes(tmp_path):
         arms = summary["tasks"][task]["arms"]
         assert set(arms) == set(ARMS) and "diff_to_ce" not in arms["ce"]
         assert "diff_to_ce_rerun" in arms["dlb"] and not {"diff_to_ce_rerun"} & (set(arms["ce"]) | set(arms["ce_rerun"]))
+        assert {"diff_to_dlb"} <= set(arms["dynsdpb"]) & set(arms["alpha_only"]) & set(arms["tau_only"])
+        assert not {"diff_to_dlb"} & (set(arms["ce"]) | set(arms["ce_rerun"]) | set(arms["dlb"]))
         ce = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "ce"}
         dlb = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "dlb"}
         assert arms["dlb"]["diff_to_ce"]["mean"] == pytest.approx(sum(dlb[s] - ce[s] for s in ce) / len(ce), abs=1e-6)
+        dynsdpb = {int(r["seed"]): float(r["value"]) for r in rows if r["task"] == task and r["arm"] == "dynsdpb"}
+        assert arms["dynsdpb"]["diff_to_dlb"]["mean"] == pytest.approx(sum(dynsdpb[s] - dlb[s] for s in dlb) / len(dlb), abs=1e-6)
         assert (out / f"{task}.png").is_file()
     assert (out / "curves.png").is_file()
-    assert "diff to ce_rerun" in (out / "summary.txt").read_text()
+    assert "diff to ce_rerun" in (out / "summary.txt").read_text() and "diff to dlb" in (out / "summary.txt").read_text()
     assert (out / "summary.md").read_text().count("| dynsdpb | 2 |") == 2
     # every DLB-arm run found a teacher for each re-run sample after the first step
     for path in (out / "runs").glob("*-seed*.json"):

@@ -92,7 +92,7 @@ class TaskSpec:
 
 @dataclass
 class StudyConfig:
-    """Options of the study (the CLI's flags). Defaults: the full study (about 30 minutes on 2 CPU cores)."""
+    """Options of the study (the CLI's flags). Defaults: the full study (46 minutes on 2 CPU cores, README)."""
 
     out: Path = Path("dynsdpb_study")
     model: str = "auto"  # as `dynsdpb finetune --model`; "tiny" for the CI configuration
@@ -559,6 +559,15 @@ def run_study(config: StudyConfig) -> dict:
 # -- aggregation ---------------------------------------------------------------------------------------------
 
 
+# baseline arm -> which arms are compared with it (paired differences with 95% CIs in the summary): every
+# arm with ce; the distilling arms with ce_rerun (what distillation adds to the re-run); the dynamic arms
+# with dlb (what the dynamic rule adds to DLB's constant alpha and tau)
+BASELINES = {
+    "ce": lambda arm: True,
+    "ce_rerun": lambda arm: arm.dynamic is not None,
+    "dlb": lambda arm: arm.dynamic not in (None, False),
+}
+
 CSV_COLUMNS = ["task", "arm", "seed", "metric", "value", "wall_s", "cpu_s", "heldout_loss", "two_way_accuracy", "eval_s", "steps",
                "final_train_ce", "mean_distill_term"]  # fmt: skip
 
@@ -606,8 +615,8 @@ def summarize(config: StudyConfig, description: str | None = None) -> dict:
             stats = {"value": mean_std_ci(values), "heldout_loss": mean_std_ci([r["heldout"]["loss"] for r in arm_runs]),
                      "wall_s": mean_std_ci([r["wall_s"] for r in arm_runs]), "cpu_s": mean_std_ci([r["cpu_s"] for r in arm_runs])}  # fmt: skip
             stats["distill_term"] = mean_std_ci([mean_distill_term(r) for r in arm_runs])
-            for baseline in ("ce", "ce_rerun"):  # paired over the seeds both arms have
-                if arm == baseline or baseline not in by_arm or (baseline == "ce_rerun" and ARMS[arm].dynamic is None):
+            for baseline in BASELINES:  # paired over the seeds both arms have
+                if baseline not in by_arm or not BASELINES[baseline](ARMS[arm]) or arm == baseline:
                     continue
                 base = {r["seed"]: r for r in by_arm[baseline]}
                 paired = [r for r in arm_runs if r["seed"] in base]
@@ -632,21 +641,21 @@ def _interval(stats: dict | None, digits: int = 4) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    """The printed summary: per task and arm, the held-out metric, its paired differences to ce and to
-    ce_rerun with 95% CIs, the held-out loss, the mean distillation term and the time per run."""
+    """The printed summary: per task and arm, the held-out metric, its paired differences to ce, ce_rerun
+    and dlb with 95% CIs (BASELINES), the held-out loss, the mean distillation term and the time per run."""
     lines = [f"model: {summary['model']}"]
     for task, entry in summary["tasks"].items():
         start = entry["heldout_start"][entry["metric"]]
         lines.append(f"\n{task}: held-out {entry['metric']} ({entry['test_examples']} examples; {start:.4f} before training)")
         lines.append(
             f"{'arm':>11} {'n':>2} {'mean':>7} {'std':>7} {'diff to ce [95% CI]':>27} {'diff to ce_rerun [95% CI]':>27} "
-            f"{'loss':>7} {'distill':>8} {'train s':>8} {'CPU s':>7}"
+            f"{'diff to dlb [95% CI]':>27} {'loss':>7} {'distill':>8} {'train s':>8} {'CPU s':>7}"
         )  # fmt: skip
         for arm, stats in entry["arms"].items():
             lines.append(
                 f"{arm:>11} {stats['value']['n']:>2} {stats['value']['mean']:>7.4f} {stats['value']['std']:>7.4f} "
                 f"{_interval(stats.get('diff_to_ce')):>27} {_interval(stats.get('diff_to_ce_rerun')):>27} "
-                f"{stats['heldout_loss']['mean']:>7.4f} {stats['distill_term']['mean']:>8.1e} "
+                f"{_interval(stats.get('diff_to_dlb')):>27} {stats['heldout_loss']['mean']:>7.4f} {stats['distill_term']['mean']:>8.1e} "
                 f"{stats['wall_s']['mean']:>8.1f} {stats['cpu_s']['mean']:>7.1f}"
             )  # fmt: skip
     return "\n".join(lines)
@@ -661,17 +670,18 @@ def format_markdown(summary: dict) -> str:
         lines += [
             f"**{task}** (held-out {metric} on {entry['test_examples']} examples; {start:.4f} before training):", "",
             f"| arm | seeds | {metric}: mean ± std | difference to ce [95% CI] | difference to ce_rerun [95% CI] "
-            "| held-out loss | loss difference to ce [95% CI] | loss difference to ce_rerun [95% CI] | distillation term "
+            "| difference to dlb [95% CI] | held-out loss | loss difference to ce [95% CI] "
+            "| loss difference to ce_rerun [95% CI] | loss difference to dlb [95% CI] | distillation term "
             "| train s/run | CPU s/run |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]  # fmt: skip
         for arm, stats in entry["arms"].items():
             value = stats["value"]
             cells = [
                 arm, str(value["n"]), f"{value['mean']:.4f} ± {value['std']:.4f}",
-                _interval(stats.get("diff_to_ce")) or "-", _interval(stats.get("diff_to_ce_rerun")) or "-",
-                f"{stats['heldout_loss']['mean']:.4f}", _interval(stats.get("loss_diff_to_ce")) or "-",
-                _interval(stats.get("loss_diff_to_ce_rerun")) or "-",
+                *(_interval(stats.get(f"diff_to_{baseline}")) or "-" for baseline in BASELINES),
+                f"{stats['heldout_loss']['mean']:.4f}",
+                *(_interval(stats.get(f"loss_diff_to_{baseline}")) or "-" for baseline in BASELINES),
                 f"{stats['distill_term']['mean']:.1e}", f"{stats['wall_s']['mean']:.1f}", f"{stats['cpu_s']['mean']:.1f}",
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
