@@ -137,8 +137,14 @@ def test_confidence_interval():
     assert half_width == pytest.approx(stats["mean"] - stats["ci_low"], rel=1e-12)
     assert half_width == pytest.approx(2.5706 * float(reference.std()) / math.sqrt(6), rel=1e-9)
     assert math.isnan(mean_std_ci([1.0])["std"])
-    scipy_stats = pytest.importorskip("scipy.stats")  # also against scipy where it is installed
-    assert half_width == pytest.approx(float(scipy_stats.t.ppf(0.975, 5)) * float(scipy_stats.sem(values)), rel=1e-4)
+
+
+def test_confidence_interval_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")  # where it is installed (not a dependency)
+    values = [float(v) for v in torch.randn(6, dtype=torch.float64)]
+    stats = mean_std_ci(values)
+    expected = float(scipy_stats.t.ppf(0.975, 5)) * float(scipy_stats.sem(values))
+    assert stats["ci_high"] - stats["mean"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize(
