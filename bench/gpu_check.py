@@ -2,9 +2,10 @@
 
     python bench/gpu_check.py            # about 6 minutes on one H200
 
-1. For float32 and bfloat16 at V = 32000 and 128256: the Triton kernel against the reference backend run
-   in float64 on the same inputs (loss to 1e-4 relative, every gradient element within one rounding of
-   the logits' dtype), with ignored rows, rows without a teacher and dynamic alpha/tau.
+1. For float32 and bfloat16 at V = 32000 and 128256: the Triton kernel against the independent float64
+   autograd truth of tests/truth.py (which shares no code with the package) on the same inputs: the loss
+   error no worse than eager PyTorch's at the same dtype plus 1e-5 relative, every gradient element within
+   one rounding of the logits' dtype; with ignored rows, rows without a teacher and dynamic alpha/tau.
 2. The ring and the fused head on CUDA: DynSDPBLoss (dense and top-k ring) and FusedLinearDynSDPBLoss
    over three DLB steps against the same modules on the reference backend.
 3. The Triton operator: torch.library.opcheck on dynsdpb::triton_fused_rows, and a step compiled by
@@ -27,31 +28,36 @@ from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, dynsdpb_loss
 from dynsdpb_kernels.tools.benchmark import run_grid
 from dynsdpb_kernels.tools.head_benchmark import run_head_grid
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from truth import eager_dynsdpb, truth_dynsdpb  # noqa: E402  (the tests' independent float64 statement)
 
-def check_correctness() -> bool:
+
+def check_correctness(device: str = "cuda", vocab_sizes: tuple[int, ...] = (32000, 128256), n_rows: int = 256) -> bool:
+    """The Triton kernel against the float64 truth (tests/test_gpu_check.py runs this on the CPU interpreter)."""
     ok = True
     for dtype in (torch.float32, torch.bfloat16):
-        for vocab_size in (32000, 128256):
+        for vocab_size in vocab_sizes:
             torch.manual_seed(0)
-            n_rows = 256
-            logits = (torch.randn(n_rows, vocab_size, device="cuda") * 4).to(dtype)
+            logits = (torch.randn(n_rows, vocab_size, device=device) * 4).to(dtype)
             teacher = (logits.float() + torch.randn_like(logits, dtype=torch.float32) * 2).to(dtype)
-            labels = torch.randint(0, vocab_size, (n_rows,), device="cuda")
+            labels = torch.randint(0, vocab_size, (n_rows,), device=device)
             labels[::7] = -100
-            mask = torch.rand(n_rows, device="cuda") < 0.7
-            results = {}
-            for backend, inputs in (("triton", logits), ("reference", logits.double())):
-                z = inputs.clone().requires_grad_(True)
-                loss = dynsdpb_loss(z, labels, teacher.to(inputs.dtype), mask, backend=backend)
-                loss.backward()
-                results[backend] = (loss.double(), z.grad.double())
-            (loss, grad), (true_loss, true_grad) = results["triton"], results["reference"]
-            loss_error = float((loss - true_loss).abs() / true_loss.abs().clamp_min(1))
+            mask = torch.rand(n_rows, device=device) < 0.7
+            z = logits.clone().requires_grad_(True)
+            loss = dynsdpb_loss(z, labels, teacher, mask, backend="triton")
+            loss.backward()
+            loss, grad = loss.detach().double(), z.grad.double()
+            truth = truth_dynsdpb(logits, labels, teacher, mask)
+            true_loss, true_grad = truth["loss"], truth["grad"]
+            eager_loss = eager_dynsdpb(logits, labels, teacher, mask)["loss"].double()  # PyTorch at this dtype
+            scale = true_loss.abs().clamp_min(1)
+            loss_error = float((loss - true_loss).abs() / scale)
+            eager_error = float((eager_loss - true_loss).abs() / scale)
             bound = torch.finfo(dtype).eps * true_grad.abs() + 2e-6 * true_grad.abs().max()
             grad_excess = float(((grad - true_grad).abs() - bound).max())
-            passed = loss_error <= 1e-4 and grad_excess <= 0
+            passed = loss_error <= eager_error + 1e-5 and grad_excess <= 0
             ok &= passed
-            print(f"correctness {str(dtype):>15} V={vocab_size:>6}: loss rel err {loss_error:.2e}, "
+            print(f"correctness {str(dtype):>15} V={vocab_size:>6}: loss rel err {loss_error:.2e} (eager {eager_error:.2e}), "
                   f"grad excess over one rounding {grad_excess:.2e} -> {'ok' if passed else 'FAIL'}")
     return ok
 

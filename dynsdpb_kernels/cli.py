@@ -15,7 +15,9 @@ def _str_list(text: str) -> list[str]:
     return text.split(",")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand. Help strings are %-format templates (argparse expands %(default)s in
+    them), so a literal percent sign is written %%."""
     parser = argparse.ArgumentParser(prog="dynsdpb", description="DynSDPB fused-loss kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     defaults_shown = argparse.ArgumentDefaultsHelpFormatter  # every output path is named in --help
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     finetune.add_argument("--teacher-storage", choices=["dense", "topk"], default="dense")
     finetune.add_argument("--topk", type=int, default=64, help="k for --teacher-storage topk")
     study = commands.add_parser(
-        "study", help="CE vs DLB vs DynSDPB (and the two halves of the dynamic rule) over seeds: held-out scores with 95% CIs",
+        "study", help="CE vs DLB vs DynSDPB (and the two halves of the dynamic rule) over seeds: held-out scores with 95%% CIs",
         formatter_class=defaults_shown,
     )
     study.add_argument(
@@ -83,7 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     study.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default, one per core)")
     study.add_argument("--lr", type=float, default=None, help="learning rate of every task (None: each task's default, 1e-4); another --out")
     study.add_argument("--summarize-only", action="store_true", help="only rewrite results.csv, summary.json/.txt/.md and the plots from the stored runs")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     if args.command == "study":
         from .tools.study import StudyConfig, run_study, summarize

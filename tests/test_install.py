@@ -1,18 +1,24 @@
 """What a user gets from a regular, non-editable install, and how a backend is chosen without code changes.
 
 test_non_editable_install_runs_the_cpu_kernel installs this checkout with pip into a fresh virtual
-environment (system site-packages visible, so torch is not downloaded; no index is contacted), runs from a
-directory outside the repository, and checks that backend "auto" on CPU tensors runs the C++ kernel compiled
-from the source inside site-packages, with no fallback warning. It compiles the kernel into an empty
-extensions folder, so it takes as long as one build (about a minute of CPU).
+environment, runs from a directory outside the repository, and checks that backend "auto" on CPU tensors runs
+the C++ kernel compiled from the source inside site-packages, with no fallback warning. It compiles the kernel
+into an empty extensions folder, so it takes as long as one build (about a minute of CPU).
+
+The fresh environment sees the packages of the interpreter running the tests (torch, pip, setuptools, ninja:
+nothing is downloaded, no index is contacted) through a .pth file naming that interpreter's site-packages.
+Not through `venv --system-site-packages`: run from inside a virtual environment, that exposes the *base*
+interpreter's site-packages, which on a fresh machine hold neither torch nor a setuptools that builds wheels.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -38,20 +44,29 @@ loss = dynsdpb_loss(logits, labels, teacher, mask)  # backend="auto"
 loss.backward()
 torch.save({"logits": logits.detach(), "labels": labels, "teacher": teacher, "mask": mask,
             "loss": loss.detach(), "grad": logits.grad}, sys.argv[1])
-print(json.dumps({"package": dynsdpb_kernels.__file__, "source": str(cpu_kernel.SOURCE),
+from importlib.metadata import requires
+print(json.dumps({"requires": requires("dynsdpb-kernels"), "package": dynsdpb_kernels.__file__, "source": str(cpu_kernel.SOURCE),
                   "backend": resolve_backend("auto", torch.device("cpu")), "build": cpu_kernel.build_info()}))
 """
 
 
+def _site_packages_of_this_interpreter() -> list[str]:
+    """Where the running interpreter's installed packages are (a venv's own, not the base interpreter's)."""
+    folders = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
+    return list(dict.fromkeys(folder for folder in folders if Path(folder).is_dir()))
+
+
 def test_non_editable_install_runs_the_cpu_kernel(tmp_path):
     venv = tmp_path / "venv"
-    # without a pip of its own: the system's pip and setuptools (a venv's bundled setuptools may be too old
-    # to build a wheel) are seen through --system-site-packages
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    # without a pip of its own: this interpreter's pip and setuptools (a venv's bundled setuptools may be too
+    # old to build a wheel) are seen through the .pth file, after the new environment's own site-packages
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    install = [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(REPO)]
-    subprocess.run(install, check=True, cwd=tmp_path, capture_output=True)
     site_packages = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    (site_packages / "_dynsdpb_test_outer.pth").write_text("\n".join(_site_packages_of_this_interpreter()) + "\n")
+    install = [str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", str(REPO)]
+    installed = subprocess.run(install, cwd=tmp_path, capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -67,6 +82,7 @@ def test_non_editable_install_runs_the_cpu_kernel(tmp_path):
     assert Path(report["package"]).is_relative_to(site_packages), report  # the installed copy, not this checkout
     assert Path(report["source"]).is_file() and Path(report["source"]).is_relative_to(site_packages), report
     assert report["backend"] == "cpu", report
+    assert any(r.split(";")[0].strip().startswith("ninja") for r in report["requires"]), report  # builds the kernel
     assert report["build"]["extension"] == f"dynsdpb_cpu_{report['build']['isa']}", report
     assert Path(report["build"]["path"]).is_relative_to(tmp_path / "torch_extensions"), report
     assert "RuntimeWarning" not in done.stderr, done.stderr
