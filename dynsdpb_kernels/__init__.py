@@ -8,7 +8,7 @@ from .functional import dynsdpb_loss, fused_linear_dynsdpb_loss
 from .module import DistillStats, DynSDPBLoss, FusedLinearDynSDPBLoss, RingLoss
 from .reference import reference_fused_rows, row_statistics
 from .ring import RingLookup, TeacherRing
-from .sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
+from .sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset, VisitBatchSampler
 
 __version__ = "0.2.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "LossOptions",
     "LossStats",
     "OverlapBatchSampler",
+    "VisitBatchSampler",
     "RingLoss",
     "RingLookup",
     "RowRecord",

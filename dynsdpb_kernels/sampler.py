@@ -1,4 +1,7 @@
-"""DLB batch order: each batch is the previous step's new samples followed by new ones, with sample ids.
+"""Batch orders with sample ids: DLB's overlap order (OverlapBatchSampler), and plain epochs over a fixed
+per-rank shard (VisitBatchSampler, for teachers from a sample's previous visit).
+
+DLB batch order: each batch is the previous step's new samples followed by new ones.
 
     step 0: [c0]        step 1: [c0, c1]        step 2: [c1, c2]   ...
 
@@ -135,6 +138,76 @@ class OverlapBatchSampler(Sampler[list[int]]):
         for chunk in chunks:
             yield previous + chunk
             previous = chunk
+
+
+class VisitBatchSampler(Sampler[list[int]]):
+    """Plain batches of `batch_size` samples, each sample once per epoch, for last-visit teachers
+    (DynSDPBLoss(teacher="previous_visit")): a sample is taught by its own logits from its previous
+    visit, one epoch earlier, so no sample is run twice in a step.
+
+    Under distributed training a sample must come back to the rank that holds its teacher, so the shards
+    are fixed: rank r owns the ids r, r + R, r + 2R, ... < n (the first n mod R ranks own one more), for
+    every epoch; only the order within a shard changes, torch.randperm with generator seed (seed, epoch).
+    (A DistributedSampler reshuffles the whole dataset across ranks each epoch: a sample's teacher would
+    then be on another rank's ring.)
+
+    Args:
+        data_len: n, the dataset length (ids 0 .. n-1).
+        batch_size: samples per batch.
+        drop_last: drop an epoch's last batch when it is smaller than batch_size.
+        shuffle, seed: per-epoch shuffle of the shard.
+        num_replicas, rank: the rank's fixed shard.
+    Each iteration runs the current epoch and advances to the next; set_epoch(e) sets it explicitly.
+    The stream is a pure function of (seed, epoch, rank), so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        data_len: int,
+        batch_size: int,
+        *,
+        drop_last: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        check_positive_int("data_len", data_len)
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("num_replicas", num_replicas)
+        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+        if data_len < num_replicas:
+            raise ValueError(f"data_len must be at least num_replicas = {num_replicas} (a sample per rank), got {data_len}")
+        self.data_len = data_len
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shard = list(range(rank, data_len, num_replicas))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.shard), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The rank's sample ids in the order of `epoch`."""
+        if not self.shuffle:
+            return list(self.shard)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return [self.shard[i] for i in torch.randperm(len(self.shard), generator=generator).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.epoch_order(self.epoch)
+        self.epoch += 1
+        for i in range(len(self)):
+            yield order[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 class SampleIdDataset(Dataset):

@@ -101,3 +101,41 @@ def test_dataloader_passes_sample_ids_without_touching_items():
     pairs = DataLoader(SampleIdDataset([torch.tensor(float(i)) for i in range(4)]), batch_size=2, collate_fn=SampleIdCollator())
     ids, values = next(iter(pairs))
     assert ids.tolist() == [0, 1] and values.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(("n", "batch_size", "replicas", "drop_last"), [(10, 3, 1, False), (10, 3, 1, True), (11, 2, 3, False), (11, 2, 3, True)])
+def test_visit_sampler_keeps_each_sample_on_its_rank(n, batch_size, replicas, drop_last):
+    """Every epoch, each rank sees exactly its fixed shard (once each), reshuffled; the ranks' shards are
+    disjoint and cover the dataset, so a sample always comes back to the ring that holds its teacher."""
+    from dynsdpb_kernels import VisitBatchSampler
+
+    shards = []
+    for rank in range(replicas):
+        sampler = VisitBatchSampler(n, batch_size, drop_last=drop_last, seed=5, num_replicas=replicas, rank=rank)
+        epochs = _epochs(sampler, 3)
+        shard = set(range(rank, n, replicas))
+        for epoch in epochs:
+            assert len(epoch) == len(sampler)
+            seen = [i for batch in epoch for i in batch]
+            assert len(seen) == len(set(seen))
+            assert all(1 <= len(b) <= batch_size for b in epoch)
+            if drop_last:
+                assert set(seen) <= shard and len(seen) == len(shard) // batch_size * batch_size
+            else:
+                assert set(seen) == shard
+        assert epochs[0] != epochs[1] or len(shard) == 1  # reshuffled within the shard
+        again = VisitBatchSampler(n, batch_size, drop_last=drop_last, seed=5, num_replicas=replicas, rank=rank)
+        assert _epochs(again, 3) == epochs  # a pure function of (seed, epoch, rank): resume sees the same
+        shards.append(shard)
+    assert set().union(*shards) == set(range(n)) and sum(map(len, shards)) == n
+
+
+def test_visit_sampler_rejects_bad_arguments():
+    from dynsdpb_kernels import VisitBatchSampler
+
+    with pytest.raises(ValueError, match="batch_size"):
+        VisitBatchSampler(10, 0)
+    with pytest.raises(ValueError, match="rank"):
+        VisitBatchSampler(10, 2, num_replicas=2, rank=2)
+    with pytest.raises(ValueError, match="data_len"):
+        VisitBatchSampler(1, 2, num_replicas=2, rank=0)
