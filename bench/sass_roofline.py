@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime
 import importlib.metadata
 import inspect
@@ -144,42 +143,6 @@ def parse_sass(text: str, source_file: str | None = None) -> Listing:
                                         line_no))
         base = opcode.split(".")[0]
         if base in ("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "KILL"):
-            listing.ends_block.add(len(instructions) - 1)
-            if not predicated:
-                listing.stops.add(len(instructions) - 1)
-    return listing
-
-
-PTX_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
-PTX_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+")
-PTX_BRANCH = re.compile(r"^(@!?%p\d+\s+)?bra(\.uni)?\s+(\$L__BB\d+_\d+)\s*;")
-
-
-def parse_ptx(text: str, file_index: int | None = None) -> Listing:
-    """Parse Triton's PTX into instructions (inline-asm wrappers and directives dropped); `file_index`
-    keeps source lines of that .file only."""
-    instructions: list[Instruction] = []
-    labels: dict[str, int] = {}
-    listing = Listing(instructions, labels)
-    line_no = None
-    for raw in text.splitlines():
-        stripped = raw.split("//")[0].strip()
-        if match := PTX_LOC.match(raw):
-            line_no = int(match[2]) if file_index is None or int(match[1]) == file_index else None
-            continue
-        if match := PTX_LABEL.match(stripped):
-            labels[match[1]] = len(instructions)
-            continue
-        if not stripped.endswith(";") or stripped.startswith(".") or stripped in ("{", "}"):
-            continue
-        body = stripped.rstrip(";").strip()
-        if body.startswith("{"):
-            body = body[1:].strip()
-        predicated = body.startswith("@")
-        branch = PTX_BRANCH.match(stripped)
-        opcode = (body.split(None, 1)[1] if predicated else body).split()[0]
-        instructions.append(Instruction(stripped, opcode, predicated, branch[3] if branch else None, line_no))
-        if branch or opcode in ("ret", "exit", "trap"):
             listing.ends_block.add(len(instructions) - 1)
             if not predicated:
                 listing.stops.add(len(instructions) - 1)
