@@ -5,7 +5,7 @@ Triton IR -> LLVM IR -> PTX -> cubin (the ptxas shipped inside Triton). This mod
 kernel specialization the public API can launch, the launch that triton_kernel.triton_fused_rows makes for
 it, turns that launch into a signature, constexprs and alignment attributes with Triton's own launch
 binder (the code a real `kernel[grid](...)` call runs), and compiles it. Used by
-tests/test_gpu_compile.py and bench/triton_resources.py.
+tests/test_gpu_compile.py, bench/triton_resources.py and bench/sass_roofline.py.
 
 It needs the compiled Triton front end, not the interpreter: run it in a process without
 TRITON_INTERPRET=1 (`python -m dynsdpb_kernels.triton_aot --arch 90` does so and prints one JSON line
@@ -232,14 +232,16 @@ def _kernel():
     return _dynsdpb_row_kernel
 
 
-def compile_inputs(launch, target) -> tuple[dict, dict, dict, dict]:
+def compile_inputs(launch, target, kernel=None) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) that `kernel[grid](**arguments, **constexprs, num_warps=...)`
     hands to triton.compile for `target`: Triton's own launch binder specializes the arguments (pointer
-    dtypes, integer widths, integers equal to 1, 16-byte alignment of pointers and integers)."""
+    dtypes, integer widths, integers equal to 1, 16-byte alignment of pointers and integers).
+    `launch` is a KernelLaunch (or anything with .arguments, .constexprs, .num_warps); `kernel` a
+    @triton.jit function, by default our row kernel."""
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    kernel = _kernel()
+    kernel = _kernel() if kernel is None else kernel
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {"num_warps": launch.num_warps, "debug": kernel.debug}
@@ -248,16 +250,23 @@ def compile_inputs(launch, target) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, options.__dict__
 
 
-def compile_launch(launch, arch: int):
+def compile_launch(launch, arch: int, kernel=None):
     """triton.compile of `launch` for CUDA compute capability `arch` (80, 90, ...); returns the CompiledKernel
-    (asm["ptx"], asm["cubin"], metadata). Raises Triton's CompilationError on a compile error."""
+    (asm["ptx"], asm["cubin"], metadata). Raises Triton's CompilationError on a compile error. `kernel`:
+    another @triton.jit function than our row kernel (bench/sass_roofline.py compiles Liger's with it)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    kernel = _kernel() if kernel is None else kernel
     target = GPUTarget("cuda", arch, 32)
-    signature, constexprs, attrs, options = compile_inputs(launch, target)
-    source = triton.compiler.ASTSource(fn=_kernel(), signature=signature, constexprs=constexprs, attrs=attrs)
+    signature, constexprs, attrs, options = compile_inputs(launch, target, kernel)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=target, options=options)
+
+
+def nvdisasm_path(arch: int) -> str:
+    """The nvdisasm shipped next to Triton's ptxas (backends/nvidia/bin)."""
+    return os.path.join(os.path.dirname(ptxas_path(arch)), "nvdisasm")
 
 
 def ptxas_path(arch: int) -> str:
