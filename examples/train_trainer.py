@@ -116,6 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DynSDPBTrainer, or DynSDPBSFTTrainer (TRL) on the same data pre-tokenized")
     parser.add_argument("--fused-linear", action="store_true", help="the loss from the hidden states (apply_dynsdpb)")
     parser.add_argument("--max-steps", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=N_SAMPLES, help="training sequences")
     parser.add_argument("--batch-size", type=int, default=4, help="new samples per micro-batch and process")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.5)
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
     options = parse_args(argv)
     os.makedirs(options.out, exist_ok=True)
     tokenizer = hf_byte_tokenizer()
-    token_lists = make_token_lists()
+    token_lists = make_token_lists(options.samples)
     common = dict(
         output_dir=options.out, per_device_train_batch_size=options.batch_size, max_steps=options.max_steps,
         gradient_accumulation_steps=options.grad_accum, learning_rate=options.lr, optim=options.optim,

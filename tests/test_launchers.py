@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -54,7 +55,8 @@ from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, OverlapBatchSam
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_trainer.py"
-WORLD, MAX_STEPS, BATCH, LR, ALPHA, TAU, SAVE_STEPS = 2, 6, 4, 0.5, 10.0, 2.0, 3
+# 48 samples: 6 batches per rank and epoch, so gradient accumulation 2 runs into the second epoch
+WORLD, MAX_STEPS, BATCH, SAMPLES, LR, ALPHA, TAU, SAVE_STEPS = 2, 4, 4, 48, 0.5, 10.0, 2.0, 2
 BIN = Path(sys.executable).parent
 
 
@@ -74,24 +76,44 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The launchers' command lines up to the script, as the README gives them (run from the repository root).
+LAUNCHERS = {
+    "torchrun": f"torchrun --standalone --nproc_per_node {WORLD}",
+    "accelerate_ddp": "accelerate launch --config_file examples/accelerate_ddp.yaml",
+    "accelerate_fsdp": "accelerate launch --config_file examples/accelerate_fsdp.yaml",
+}
+
+
 def launch_command(launcher: str) -> list[str]:
-    """The launcher's command line up to the script, as the README gives it."""
-    if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(WORLD)]
-    config = ROOT / "examples" / f"{launcher}.yaml"  # accelerate_ddp.yaml, accelerate_fsdp.yaml
-    return [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port", str(_free_port())]
+    """LAUNCHERS[launcher] with the launcher from this interpreter's environment; accelerate gets a free
+    port so that concurrent runs do not collide (torchrun --standalone picks its own)."""
+    program, *arguments = LAUNCHERS[launcher].split()
+    command = [str(BIN / program), *arguments]
+    if program == "accelerate":
+        command += ["--main_process_port", str(_free_port())]
+    return command
+
+
+def test_readme_gives_the_launch_commands_these_tests_run():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Scaling out") :]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
+    lines = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(lines) == len(LAUNCHERS)
+    for line, command in zip(lines, LAUNCHERS.values()):
+        assert line.startswith(f"{command} examples/train_trainer.py --out run"), line
 
 
 def run_launch(launcher: str, trainer: str, fused_linear: bool, grad_accum: int, out: Path) -> list[dict]:
     """Run the example under the launcher; returns the two ranks' records."""
-    arguments = ["--out", str(out), "--trainer", trainer, "--grad-accum", str(grad_accum), "--max-steps", str(MAX_STEPS),
+    arguments = ["--out", str(out), "--trainer", trainer, "--grad-accum", str(grad_accum), "--max-steps", str(MAX_STEPS), "--samples", str(SAMPLES),
                  "--batch-size", str(BATCH), "--lr", str(LR), "--optim", "sgd", "--alpha", str(ALPHA), "--tau", str(TAU),
                  "--dynamic", "false", "--save-weights", "--save-steps", str(SAVE_STEPS)]
     if fused_linear:
         arguments.append("--fused-linear")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([*launch_command(launcher), str(EXAMPLE), *arguments], cwd=out, env=env,
+    result = subprocess.run([*launch_command(launcher), "examples/train_trainer.py", *arguments], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{launcher} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
@@ -101,7 +123,7 @@ def expected_streams(n_batches: int) -> list[list[list[int]]]:
     """Each rank's first n_batches batches of OverlapBatchSampler, epoch after epoch (as the Trainer sets them)."""
     streams = []
     for rank in range(WORLD):
-        sampler = OverlapBatchSampler(example.N_SAMPLES, BATCH, seed=example.SEED, num_replicas=WORLD, rank=rank)
+        sampler = OverlapBatchSampler(SAMPLES, BATCH, seed=example.SEED, num_replicas=WORLD, rank=rank)
         batches, epoch = [], 0
         while len(batches) < n_batches:
             sampler.set_epoch(epoch)
@@ -155,7 +177,7 @@ def test_launched_trainer_matches_a_single_process_replay(tmp_path, launcher, tr
 def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bool, grad_accum: int) -> None:
     """Every check of the module docstring on one launch's output folder."""
     n_micro = MAX_STEPS * grad_accum
-    tokens = example.make_token_lists()
+    tokens = example.make_token_lists(SAMPLES)
 
     # the launcher's configuration is the one that ran
     for record in records:
@@ -181,7 +203,7 @@ def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bo
                 assert m["labels"][row][:n] == tokens[sample_id] and set(m["labels"][row][n:]) <= {-100}
         logged = [entry for entry in record["log_history"] if "loss" in entry]
         assert len(logged) == MAX_STEPS and all(entry["teacher_samples"] > 0 for entry in logged[1:])
-    first_epoch = example.N_SAMPLES // (WORLD * BATCH)  # batches of one epoch per rank
+    first_epoch = SAMPLES // (WORLD * BATCH)  # batches of one epoch per rank
     assert not {i for b in streams[0][:first_epoch] for i in b} & {i for b in streams[1][:first_epoch] for i in b}
     for step in range(MAX_STEPS):
         step_tokens = sum(len(tokens[i]) - 1 for record in records for m in record["micro_batches"]

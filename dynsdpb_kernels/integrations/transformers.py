@@ -139,7 +139,8 @@ class DynSDPBTrainerMixin:
         - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
           Trainer) SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one disjoint
           stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
-          the train dataset;
+          the train dataset; accelerate puts the batches on the device but does not shard or dispatch
+          them again (see _prepare_own_stream), so each process trains every step on its own stream;
         - compute_loss: logits from the model, DynSDPBLoss with num_items_in_batch in training, plain
           cross-entropy in evaluation;
         - logs: ce (mean over the valid rows since the last log), kl, alpha_mean, tau_mean (means over
