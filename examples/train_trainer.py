@@ -3,7 +3,6 @@
 One process:   python examples/train_trainer.py --out run
 DDP:           torchrun --standalone --nproc_per_node 2 examples/train_trainer.py --out run
                accelerate launch --config_file examples/accelerate_ddp.yaml examples/train_trainer.py --out run
-FSDP2:         accelerate launch --config_file examples/accelerate_fsdp.yaml examples/train_trainer.py --out run --fused-linear
 
 The model is a LlamaForCausalLM built from a config (random weights, nothing downloaded) over the byte
 tokenizer's vocabulary; the data are short arithmetic progressions of tokens (learnable, so the model's
@@ -56,7 +55,7 @@ def make_token_lists(n: int = N_SAMPLES) -> list[list[int]]:
 
 
 def per_step_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full parameters on every process (a collective under FSDP2, whose parameters are DTensor shards)."""
+    """The full parameters (a collective where they are DTensor shards, as under FSDP2)."""
     full = {}
     for name, parameter in model.named_parameters():
         tensor = parameter.detach()
