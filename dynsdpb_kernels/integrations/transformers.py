@@ -139,7 +139,8 @@ class DynSDPBTrainerMixin:
         - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
           Trainer) SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one disjoint
           stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
-          the train dataset;
+          the train dataset; accelerate puts the batches on the device but does not shard or dispatch
+          them again (see _prepare_own_stream), so each process trains every step on its own stream;
         - compute_loss: logits from the model, DynSDPBLoss with num_items_in_batch in training, plain
           cross-entropy in evaluation;
         - logs: ce (mean over the valid rows since the last log), kl, alpha_mean, tau_mean (means over
@@ -200,12 +201,38 @@ class DynSDPBTrainerMixin:
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        prepared = self.accelerator.prepare(loader)
-        # The sampler already gives each process its own stream: keep accelerate from sharding it again.
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-            shard.num_processes = 1
-            shard.process_index = 0
+        return self._prepare_own_stream(loader)
+
+    def _prepare_own_stream(self, loader: DataLoader) -> DataLoader:
+        """The train loader prepared by accelerate as for one process: its batches are put on the device
+        (DataLoaderShard), but neither sharded nor dispatched again -- the OverlapBatchSampler already
+        gives this process its own stream. (accelerate's own sharding, BatchSamplerShard, deals out whole
+        batches round-robin and yields only batches of the sampler's batch_size: it would break the overlap
+        of consecutive batches, and end the epoch after the first batch, since DLB batches after the first
+        hold 2 * batch_size samples. DataLoaderDispatcher would split each batch over the processes.)"""
+        from accelerate.data_loader import prepare_data_loader
+
+        accelerator = self.accelerator
+        prepared = prepare_data_loader(
+            loader,
+            accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=accelerator.device_placement,
+            rng_types=accelerator.rng_types.copy(),
+            dispatch_batches=False,
+            non_blocking=accelerator.non_blocking,
+            use_stateful_dataloader=accelerator.use_stateful_dataloader,
+        )
+        # registered with the accelerator (for its save_state / free_memory) as Accelerator.prepare marks what it
+        # prepared, so that prepare_data_loader only registers it and does not wrap it again
+        prepared._is_accelerate_prepared = True
+        prepared = accelerator.prepare_data_loader(prepared)
+        if prepared.batch_sampler is not loader.batch_sampler:
+            raise RuntimeError(
+                f"{type(self).__name__}: accelerate replaced the OverlapBatchSampler of the train dataloader by "
+                f"{type(prepared.batch_sampler).__name__}; the DLB batch order would be lost"
+            )
         return prepared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
