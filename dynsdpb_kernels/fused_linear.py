@@ -12,6 +12,9 @@ For hidden states h (N, H), the head's weight W (V, H) and bias b (V,):
 The loss normalisers (1 / n_valid, 1 / n_distilled) are computed from all labels and teachers before the
 first chunk, so each chunk's gradient is final when it is written; backward only scales the three saved
 gradients by grad_output. Peak memory above the inputs: one chunk of logits plus dL/dh and dL/dW.
+
+Softcapping (options.distill.softcap = c): the GEMM gives the raw z_c and the rows kernel caps it on load,
+c tanh(z_c / c), so g_c = dL/dz_c already holds the factor dz'/dz (contract.py); nothing here changes.
 """
 
 from __future__ import annotations
