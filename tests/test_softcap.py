@@ -157,9 +157,10 @@ def test_fused_head_caps_the_raw_logits(backend):
     """fused_linear_dynsdpb_loss and FusedLinearDynSDPBLoss: hidden @ W.T is capped in the kernel, chunk by
     chunk; loss and gradients of hidden and weight equal the float64 truth by the chain rule."""
     gen = torch.Generator().manual_seed(5)
+    vocab = 130  # three blocks of conftest's 64
     hidden = torch.randn(13, 16, generator=gen)
-    weight = torch.randn(VOCAB, 16, generator=gen) * 8.0  # logits ~ +-30 and beyond, against a cap of 20
-    labels = torch.randint(0, VOCAB, (13,), generator=gen)
+    weight = torch.randn(vocab, 16, generator=gen) * 8.0  # logits ~ +-30 and beyond, against a cap of 20
+    labels = torch.randint(0, vocab, (13,), generator=gen)
     labels[::4] = -100
     teacher = capped_teacher(hidden @ weight.T, CAP)
     mask = torch.rand(13, generator=gen) < 0.6
@@ -173,8 +174,8 @@ def test_fused_head_caps_the_raw_logits(backend):
         assert_no_worse_than_eager(leaf.grad, true_grad, true_grad, 1e-5, 2e-6, name)
 
     # the module: the same loss as DynSDPBLoss(softcap) on the materialised raw logits, step after step
-    fused = FusedLinearDynSDPBLoss(VOCAB, softcap=CAP, capacity_rows=32, chunk_size=4, backend=backend)
-    plain = DynSDPBLoss(VOCAB, softcap=CAP, capacity_rows=32, backend=backend)
+    fused = FusedLinearDynSDPBLoss(vocab, softcap=CAP, capacity_rows=32, chunk_size=4, backend=backend)
+    plain = DynSDPBLoss(vocab, softcap=CAP, capacity_rows=32, backend=backend)
     hidden_3d, labels_3d = hidden[:12].reshape(3, 4, 16), labels[:12].reshape(3, 4).clamp_min(0)
     for _ in range(2):  # step 2 reads the capped rows step 1 recorded
         ours = fused(hidden_3d, weight, labels_3d, torch.arange(3))
@@ -183,38 +184,53 @@ def test_fused_head_caps_the_raw_logits(backend):
     assert int(fused.last_stats.teacher_samples) == 3
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiled_step_carries_the_softcap(backend):
+    # torch.compile captures the step as one graph; the softcap travels through the operator's schema
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    logits, labels, _, mask = make_case((6,), VOCAB, torch.float32, scale=20.0)
+    teacher = capped_teacher(logits, CAP)
+
+    def step(z):
+        return dynsdpb_loss(z, labels, teacher, mask, softcap=CAP, validate=False, backend=backend)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    student = logits.clone().requires_grad_(True)
+    loss = torch.compile(step, backend=counter, fullgraph=True)(student)
+    loss.backward()
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    truth = truth_dynsdpb(logits, labels, teacher, mask, softcap=CAP)
+    assert_float32_close(loss, truth["loss"], "loss")
+    torch.testing.assert_close(student.grad.double(), truth["grad"], rtol=1e-4, atol=1e-7)
+
+
 # ---- Gemma 2 / Gemma 3: the config's final_logit_softcapping through apply_dynsdpb and the Trainer ----
 
 transformers = pytest.importorskip("transformers")
 
+from test_model_families import VOCAB as MODEL_VOCAB  # noqa: E402
+from test_model_families import _batch as family_batch  # noqa: E402
+from test_model_families import _model as family_model  # noqa: E402
+
 from dynsdpb_kernels.integrations.transformers import DynSDPBTrainer, apply_dynsdpb  # noqa: E402
 
-MODEL_VOCAB = 97
-FAMILIES = {
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
-}
+FAMILIES = ["gemma2", "gemma3"]  # configs that name final_logit_softcapping
 
 
 def softcapped_model(family: str, cap: float = 30.0):
-    config_name, model_name = FAMILIES[family]
-    config = getattr(transformers, config_name)(
-        vocab_size=MODEL_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, pad_token_id=0, final_logit_softcapping=cap,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).float()
-    with torch.no_grad():  # large raw logits (|z| >> cap): capping decides the loss
-        model.get_output_embeddings().weight.mul_(400.0)
+    """test_model_families' tiny model of `family` with final_logit_softcapping=cap, its head scaled 4x more
+    (400x in all): raw logits far beyond the cap, so that capping decides the loss."""
+    model = family_model(family, final_logit_softcapping=cap)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(4.0)
     return model
 
 
 def model_batch():
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, MODEL_VOCAB, (3, 9), generator=gen)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    input_ids, attention_mask, labels = family_batch()
     return dict(input_ids=input_ids, attention_mask=attention_mask), labels
 
 
@@ -235,7 +251,7 @@ def assert_same_grads(model, expected):
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item() + 1e-9, msg=name)
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_apply_dynsdpb_on_a_softcapped_model_equals_its_own_loss_and_grads(family, backend):
     model = softcapped_model(family)
