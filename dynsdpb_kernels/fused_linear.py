@@ -18,6 +18,9 @@ Under autocast on hidden's device type (e.g. Trainer bf16=True with float32 weig
 F.linear would: h, W, b are cast to the autocast dtype and the GEMMs run in it, so the logits and g_c are
 in that dtype; dL/dh is returned in hidden's dtype, dL/dW and dL/db in their own (accumulated across
 chunks in accum_dtype, by default the weight's own dtype).
+
+Softcapping (options.distill.softcap = c): the GEMM gives the raw z_c and the rows kernel caps it on load,
+c tanh(z_c / c), so g_c = dL/dz_c already holds the factor dz'/dz (contract.py); nothing here changes.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
               (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
     pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
 
+With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py): pass 1, the
+label's logit, the top-k support's logits and the ring record see z', and pass 2 chains dz'/dz into the
+gradient. Without it the kernel is the same code as before (a constexpr branch).
+
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
 """
@@ -57,6 +61,37 @@ def _round_to(x, dtype: tl.constexpr):
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def _softcap(z, cap, inv_cap, two_log2e_over_cap):
+    """(z', dz'/dz) for z' = cap tanh(z / cap), elementwise, from e = exp(-2 |z| / cap) = exp2(-|z| 2 log2(e) / cap)
+    in (0, 1] (the scale folded on the host): tanh(|x|) = 1 - 2 e / (1 + e) and dz'/dz = 4 e / (1 + e)^2,
+    which saturate to 1 and 0 (e underflows to 0; nothing overflows, no NaN for any finite z). Below
+    |x| = 1/8, where 1 - 2 e / (1 + e) loses x's relative precision, tanh is its odd Taylor polynomial to
+    x^7 (relative error < 2e-9). A non-finite z gives a NaN z' (kept visible to the finiteness check)."""
+    e = tl.exp2(-tl.abs(z) * two_log2e_over_cap)
+    inv_one_plus_e = 1.0 / (1.0 + e)
+    x = z * inv_cap
+    x2 = x * x
+    tanh_small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    tanh_large = 1.0 - 2.0 * e * inv_one_plus_e
+    tanh = tl.where(tl.abs(x) < 0.125, tanh_small, tl.where(z < 0.0, -tanh_large, tanh_large))
+    capped = tl.where(tl.abs(z) < float("inf"), cap * tanh, float("nan"))
+    return capped, 4.0 * e * inv_one_plus_e * inv_one_plus_e
+
+
+@triton.jit
+def _load_student(ptrs, mask, other, SOFTCAP: tl.constexpr, cap, inv_cap, two_log2e_over_cap):
+    """Student logits at `ptrs` as float32 (`other` on masked lanes), softcapped when SOFTCAP, and dz'/dz
+    (1 without SOFTCAP; 1 on masked lanes)."""
+    z = tl.load(ptrs, mask=mask, other=other).to(tl.float32)
+    derivative = tl.full(z.shape, 1.0, tl.float32)
+    if SOFTCAP:
+        capped, slope = _softcap(z, cap, inv_cap, two_log2e_over_cap)
+        z = tl.where(mask, capped, other)
+        derivative = tl.where(mask, slope, 1.0)
+    return z, derivative
 
 
 @triton.jit
@@ -137,6 +172,7 @@ def _dynsdpb_row_kernel(
     alpha,
     tau,
     inv_log_v,
+    softcap,
     HAS_TEACHER: tl.constexpr,
     HAS_TEACHER_STATS: tl.constexpr,
     DYNAMIC_ALPHA: tl.constexpr,
@@ -146,6 +182,7 @@ def _dynsdpb_row_kernel(
     RECORD_ROWS: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -156,6 +193,8 @@ def _dynsdpb_row_kernel(
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     label_in_range = (label >= 0) & (label < V)
+    inv_cap = 1.0 / softcap  # softcapping's constants (unused without SOFTCAP)
+    two_log2e_over_cap = 2.8853900817779268 * inv_cap  # 2 log2(e) / softcap
 
     teacher_id = -1
     if HAS_TEACHER:
@@ -209,7 +248,7 @@ def _dynsdpb_row_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + lane
         mask = cols < V
-        z = tl.load(logits_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z, _ = _load_student(logits_row + cols, mask, float("-inf"), SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         if RECORD_ROWS:
             if record_slot >= 0:  # the fused ring write: this block is in registers anyway
                 tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty), mask=mask)
@@ -240,7 +279,9 @@ def _dynsdpb_row_kernel(
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
-    z_label = tl.load(logits_row + label, mask=valid & label_in_range, other=0.0).to(tl.float32)
+    z_label, _ = _load_student(
+        logits_row + label, valid & label_in_range, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap
+    )
     ce = tl.where(valid, (zm1 - z_label) + _log1p(zs_rest), 0.0)
     ce = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), ce)
 
@@ -264,7 +305,7 @@ def _dynsdpb_row_kernel(
         k_mask = k_lane < tl.where(distilled, K, 0)  # nothing to load for rows without a teacher
         t_k = tl.load(teacher_row + k_lane, mask=k_mask, other=float("-inf")).to(tl.float32)
         support = tl.load(support_ptr + tl.maximum(teacher_id, 0) * support_row_stride + k_lane, mask=k_mask, other=0)
-        z_k = tl.load(logits_row + support, mask=k_mask, other=0.0).to(tl.float32)
+        z_k, slope_k = _load_student(logits_row + support, k_mask, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
         # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
@@ -290,7 +331,7 @@ def _dynsdpb_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
-            z = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+            z, slope = _load_student(logits_row + cols, mask, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if COMPUTE_GRAD:
                 probs = tl.exp(z - zm1) / zs_total
@@ -308,6 +349,8 @@ def _dynsdpb_row_kernel(
                     if COMPUTE_GRAD:
                         grad += kl_coef * (tl.exp(log_q) - p)
             if COMPUTE_GRAD:
+                if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
+                    grad *= slope
                 tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=mask)
 
     if TEACHER_TOPK and COMPUTE_GRAD:
@@ -318,6 +361,8 @@ def _dynsdpb_row_kernel(
             probs_k = tl.exp(z_k - zm1) / zs_total
             grad_k = ce_coef * tl.where(support == label, label_grad, probs_k)
             grad_k += kl_coef * (tl.exp(log_q_k) - tl.exp(log_p_k))
+            if SOFTCAP:
+                grad_k *= slope_k
             tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty), mask=k_mask)
 
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
@@ -434,6 +479,7 @@ def triton_fused_rows(
         alpha=float(config.alpha),
         tau=float(config.tau),
         inv_log_v=1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+        softcap=float(config.softcap) if config.softcap is not None else 1.0,  # read only with SOFTCAP
     )
     constexprs = dict(
         HAS_TEACHER=has_teacher,
@@ -445,6 +491,7 @@ def triton_fused_rows(
         RECORD_ROWS=record is not None and record.ring_logits is not None,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
+        SOFTCAP=config.softcap is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=blocks.block_v,
     )
