@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BACKENDS
+from test_ring import _assert_same_state, _ring_tensor_bytes
 from truth import truth_dynsdpb
 
 from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, OverlapBatchSampler, TeacherRing
@@ -22,11 +23,6 @@ SHORT, LONG = 3, 12  # tokens of the first chunk's samples, and of all later one
 # The ring's growth does not depend on the backend; Triton without CUDA runs in its interpreter (about a
 # minute for a six-step stream), so the longer streams use it only with CUDA. The truth test runs on all.
 STREAM_BACKENDS = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]
-
-
-def _ring_tensor_bytes(ring: TeacherRing) -> int:
-    """Bytes of every tensor the ring holds, found by walking its attributes (not its own bookkeeping)."""
-    return sum(t.numel() * t.element_size() for t in vars(ring).values() if isinstance(t, torch.Tensor))
 
 
 def _dense_formula(capacity: int, reserve: int, vocab_size: int = VOCAB, dtype_bytes: int = 2) -> int:
@@ -193,15 +189,6 @@ def test_fixed_capacity_that_holds_every_call_does_not_warn():
     counts = [count for *_, count in _run(stream, loss_fn)]
     assert counts == [0, 4, 4, 4, 4, 4]
     assert loss_fn.ring.capacity_rows == 48
-
-
-def _assert_same_state(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 @pytest.mark.parametrize("storage", ["dense", "topk"])
