@@ -62,7 +62,8 @@ class RingStep:
 
 class RingLoss(nn.Module):
     """The part DynSDPBLoss and FusedLinearDynSDPBLoss share: options, the teacher ring (created on the
-    first call unless capacity_rows is given, saved with the module's state_dict), and the ring step
+    first call unless capacity_rows is given, then growing on demand; saved with the module's
+    state_dict), and the ring step
     around each loss computation: _begin_step (labels checked and shifted, ring lookup, loss weights),
     then the subclass's loss, then _end_step (commit, DistillStats in `last_stats`).
     Arguments: see DynSDPBLoss (all but inplace_grad, which only DynSDPBLoss has).
@@ -129,13 +130,16 @@ class RingLoss(nn.Module):
         if ring_state is None:
             self.ring = None if self.capacity_rows is None else self._new_ring(self.capacity_rows)
             return
-        if self.ring is None:
-            self.ring = self._new_ring(ring_state["capacity_rows"])
-        self.ring.load_state_dict(ring_state)
+        ring = self.ring if self.ring is not None else self._new_ring(ring_state["capacity_rows"])
+        ring.load_state_dict(ring_state)  # checks everything first: on an error the module keeps its ring
+        self.ring = ring
 
     def _new_ring(self, capacity_rows: int) -> TeacherRing:
+        """A ring without a device (it follows the first call's logits); it grows on demand unless the
+        module was given capacity_rows."""
         return TeacherRing(
-            self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, topk=self.topk
+            self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, topk=self.topk,
+            grow_capacity=self.capacity_rows is None,
         )
 
     def _begin_step(
@@ -167,9 +171,8 @@ class RingLoss(nn.Module):
 
         ring = self._ring_for(per_sample.numel())
         lookup = ring.lookup(sample_ids, per_sample != ignore_index, record_policy=self.record_policy)
-        teachers = Teachers(ring.logits, lookup.teacher_index, ring.stats, ring.support, ring.tail)
         grad_scale = self._grad_scale(labels_1d, lookup.teacher_index, num_items_in_batch)
-        return RingStep(labels_1d, teachers, lookup.record, grad_scale, lookup)
+        return RingStep(labels_1d, lookup.teachers, lookup.record, grad_scale, lookup)
 
     def _end_step(self, step: RingStep, row_terms: torch.Tensor) -> None:
         """Commit the step's lookup (only after the loss and its checks succeeded) and set last_stats."""
@@ -222,7 +225,11 @@ class DynSDPBLoss(RingLoss):
             c tanh(z / c) and the ring records those capped rows, so the next step's teachers are capped
             logits (dynsdpb_loss). Pass it only for raw logits: a model that caps its own output (Gemma 2's
             logits) needs none.
-        capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
+        capacity_rows: teacher rows the ring keeps (FIFO), fixed; a call that records more evicts some of
+            its own samples before the next step reads them, with a RuntimeWarning (once). None
+            (default): the ring grows on demand to the rows (B * T, padding included) of the largest call
+            so far, so the previous step's samples always find their teachers (TeacherRing's
+            grow_capacity; memory 2 * max(B * T) rows, see TeacherRing).
         teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
         teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their
             ids; the KL is then taken over the teacher's top-k support, see TeacherRing).

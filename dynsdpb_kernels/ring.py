@@ -12,6 +12,16 @@ writes positions head .. head + W - 1 with W <= reserve, and live entries occupy
 so a write never touches a live entry, whatever the call reads as teachers in the same kernel launch;
 and a call that fails before `commit` leaves every live entry as it was.
 
+Capacity. With grow_capacity=True (what DynSDPBLoss does when capacity_rows is not given) a call of
+more rows than C (B * T, padding included: known on the host, no sync) raises C to them; with a call of
+more rows than the reserve, the reserve grows the same way. Either way `lookup` stages a larger layout
+(new tensors, every live row copied to its slot under the new P, the entry table padded with free
+slots) and `commit` installs it, so a call that fails leaves the ring exactly as it was, tensors
+included. A call records at most its B * T rows <= C, so the entries it records are all still live at
+the next call: the previous step's samples (DLB's teachers) are never evicted. With a fixed capacity
+(grow_capacity=False) a call that records more than C rows evicts some of its own entries before the
+next call can read them; the ring then warns once (RuntimeWarning naming capacity_rows).
+
 Entry table. Every live entry holds at least one row and the live rows are C distinct positions, so at
 most C entries are live. The table is three (C,) int64 tensors on the ring's device, sorted by sample id:
 `_ids`, `_start`, `_length`; its live entries come first, the free tail holds id 2^63 - 1 and start -1.
@@ -31,12 +41,13 @@ entry. A sample whose number of valid rows differs from its entry's length gets 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 
 from .checks import check_positive_int
-from .contract import RowRecord, TopkRecord
+from .contract import RowRecord, Teachers, TopkRecord
 
 RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
@@ -53,8 +64,10 @@ class RingLookup:
     has_teacher:   (B,) bool, the sample's entry was live and its length matched.
     mismatched:    (B,) bool, the sample's entry was live but its length differed (no teacher).
     recorded_rows: 0-d int64, rows this call writes.
+    teachers:      contract.Teachers the kernel reads (the layout's storage and teacher_index).
     The rest is the new state of the B samples' entries and of head, applied by commit; table_position
-    (B,) is where each id was searched in the entry table and found (B,) whether it had a live entry there.
+    (B,) is where each id was searched in the entry table and found (B,) whether it had a live entry there;
+    layout is the storage the call reads and writes (the ring's own, or a larger one commit installs).
     """
 
     teacher_index: torch.Tensor
@@ -69,6 +82,32 @@ class RingLookup:
     table_position: torch.Tensor
     found: torch.Tensor
     generation: int
+    teachers: Teachers
+    layout: RingLayout
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """The storage of a ring at one capacity C and reserve R (P = C + R physical rows).
+
+    logits: (P, V) dense rows or (P, k) top-k values, in the ring's dtype; support (P, k) int64 and
+    tail (P,) float32 with top-k storage, else None; stats (P, 2) float32 (u, d); ids, start, length:
+    the (C,) int64 entry table (sorted by id, free slots last).
+    """
+
+    capacity_rows: int
+    reserve_rows: int
+    logits: torch.Tensor
+    support: torch.Tensor | None
+    tail: torch.Tensor | None
+    stats: torch.Tensor
+    ids: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+
+    @property
+    def physical_rows(self) -> int:
+        return self.logits.shape[0]
 
 
 class TeacherRing:
@@ -79,17 +118,25 @@ class TeacherRing:
         capacity_rows: C, how many recently written rows stay readable; older entries are evicted.
         dtype: storage dtype of the rows (bfloat16, float16 or float32); rows are rounded to it
             (nearest even) when recorded. (u, d) statistics are kept in float32.
-        device: where the ring lives; None allocates it on the device of the first call.
+        device: where the ring lives; None allocates it on the device of the first call (and a ring
+            made or restored without a device moves to the device of the first call's logits).
         reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
             number of rows of a larger call, which reallocates the ring once.
         storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
         topk: entries kept per row with storage="topk".
+        grow_capacity: False (default): C is fixed; a call that records more than C rows evicts some of
+            the entries it recorded before the next call reads them, and the ring warns once
+            (RuntimeWarning). True: C starts at capacity_rows and a call of more rows (B * T, padding
+            included) than C raises C to them (one reallocation, every live entry kept), so the entries
+            one call records are all live at the next call; load_state_dict then adopts the saved C.
 
     Memory (`nbytes`, exact), with P = C + reserve:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
         topk:  P * (k * (dtype + 8) + 4 + 8) + 24 * C + 8 bytes
     (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
-    triples; head), independent of how many distinct sample ids were seen and of their magnitude.
+    triples; head), independent of how many distinct sample ids were seen and of their magnitude. With
+    grow_capacity, C and the reserve are each the rows of the largest call so far (if larger than
+    their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made.
     """
 
     def __init__(
@@ -101,6 +148,7 @@ class TeacherRing:
         reserve_rows: int | None = None,
         storage: str = "dense",
         topk: int = 64,
+        grow_capacity: bool = False,
     ) -> None:
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -108,16 +156,21 @@ class TeacherRing:
             check_positive_int(name, value)
         if dtype not in RING_DTYPES:
             raise TypeError(f"dtype must be one of {RING_DTYPES}, got {dtype}")
+        if not isinstance(grow_capacity, bool):
+            raise TypeError(f"grow_capacity must be a bool, got {type(grow_capacity).__name__}")
         reserve = capacity_rows if reserve_rows is None else reserve_rows
         check_positive_int("reserve_rows", reserve)
         self.vocab_size = vocab_size
         self.capacity_rows = capacity_rows
+        self.grow_capacity = grow_capacity
         self.storage = storage
         self.topk = min(topk, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
         self.device: torch.device | None = None
         self._follows_first_call = device is None  # a ring made or restored without a device moves to the first call's
         self._reserve = reserve
+        self._reserve_follows_capacity = reserve_rows is None  # a loaded growing ring takes reserve = C again
+        self._warned_eviction = False
         self._generation = 0  # bumped by every change of state; a stale lookup cannot be committed
         self.logits = torch.empty(0, self.topk, dtype=dtype)  # (P, V) dense, (P, k) top-k values
         self.support: torch.Tensor | None = torch.empty(0, self.topk, dtype=torch.int64) if storage == "topk" else None
@@ -132,20 +185,57 @@ class TeacherRing:
 
     # -- storage -------------------------------------------------------------------------------
 
+    def _empty_layout(self, capacity_rows: int, reserve_rows: int, device: torch.device) -> RingLayout:
+        """Zeroed storage of P = capacity_rows + reserve_rows rows and an empty entry table of capacity_rows."""
+        physical = capacity_rows + reserve_rows
+        topk = self.support is not None
+        return RingLayout(
+            capacity_rows=capacity_rows,
+            reserve_rows=reserve_rows,
+            logits=torch.zeros(physical, self.topk, dtype=self.dtype, device=device),
+            support=torch.zeros(physical, self.topk, dtype=torch.int64, device=device) if topk else None,
+            tail=torch.zeros(physical, dtype=torch.float32, device=device) if topk else None,
+            stats=torch.zeros(physical, 2, dtype=torch.float32, device=device),
+            ids=torch.full((capacity_rows,), FREE_ID, dtype=torch.int64, device=device),
+            start=torch.full((capacity_rows,), -1, dtype=torch.int64, device=device),
+            length=torch.zeros(capacity_rows, dtype=torch.int64, device=device),
+        )
+
+    def _layout(self) -> RingLayout:
+        """The ring's current storage (its own tensors, not copies)."""
+        return RingLayout(
+            self.capacity_rows, self._reserve, self.logits, self.support, self.tail, self.stats,
+            self._ids, self._start, self._length,
+        )
+
+    def _install(self, layout: RingLayout) -> None:
+        self.capacity_rows, self._reserve = layout.capacity_rows, layout.reserve_rows
+        self.logits, self.support, self.tail, self.stats = layout.logits, layout.support, layout.tail, layout.stats
+        self._ids, self._start, self._length = layout.ids, layout.start, layout.length
+
     def _allocate(self, device: torch.device) -> None:
-        physical = self.capacity_rows + self._reserve
+        """Fresh zeroed storage and an empty entry table on `device` (head kept)."""
         self.device = device
-        self.logits = torch.zeros(physical, self.topk, dtype=self.dtype, device=device)
-        if self.support is not None:
-            self.support = torch.zeros(physical, self.topk, dtype=torch.int64, device=device)
-            self.tail = torch.zeros(physical, dtype=torch.float32, device=device)
-        self.stats = torch.zeros(physical, 2, dtype=torch.float32, device=device)
-        if self._ids.shape[0] != self.capacity_rows:
-            self._ids = torch.full((self.capacity_rows,), FREE_ID, dtype=torch.int64, device=device)
-            self._start = torch.full((self.capacity_rows,), -1, dtype=torch.int64, device=device)
-            self._length = torch.zeros(self.capacity_rows, dtype=torch.int64, device=device)
-        self._ids, self._start, self._length = (t.to(device) for t in (self._ids, self._start, self._length))
+        self._install(self._empty_layout(self.capacity_rows, self._reserve, device))
         self._head = self._head.to(device)
+
+    def _resized(self, capacity_rows: int, reserve_rows: int) -> RingLayout:
+        """A new layout with capacity_rows >= C and reserve_rows, holding the same live entries: the rows
+        of positions head - C .. head - 1 (slot a % P_old) copied to slot a % P_new, the entry table
+        padded with free slots. The ring itself is not changed (commit installs the layout); no sync."""
+        assert self.device is not None and capacity_rows >= self.capacity_rows
+        layout = self._empty_layout(capacity_rows, reserve_rows, self.device)
+        positions = self._head - self.capacity_rows + torch.arange(self.capacity_rows, device=self.device)
+        positions = positions.clamp_min(0)  # (before C rows exist, position 0 is copied more than once)
+        new_slots, old_slots = positions % layout.physical_rows, positions % self.physical_rows
+        for new, old in ((layout.logits, self.logits), (layout.support, self.support), (layout.tail, self.tail), (layout.stats, self.stats)):
+            if new is not None:
+                new[new_slots] = old[old_slots]
+        # the table stays sorted: free slots (id 2^63 - 1) are appended after the old ones
+        layout.ids[: self.capacity_rows] = self._ids
+        layout.start[: self.capacity_rows] = self._start
+        layout.length[: self.capacity_rows] = self._length
+        return layout
 
     @property
     def physical_rows(self) -> int:
@@ -153,32 +243,27 @@ class TeacherRing:
         return self.logits.shape[0]
 
     def to(self, device: torch.device | str) -> TeacherRing:
-        """Move the ring (rows, statistics and bookkeeping) to `device`; returns self."""
-        device = torch.device(device)
-        self.device = device
-        for name in ("rows", "support", "tail", "stats", "_ids", "_start", "_length", "_head"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        self._generation += 1
+        """Move every tensor of the ring (rows, top-k ids and tail, statistics, entry table, head) to
+        `device`; returns self. Contents, layout and `nbytes` are unchanged; the storage dtype stays the
+        ring's `dtype` (logits of any dtype can read it), so a dtype is a TypeError. A ring not allocated
+        yet is allocated there. After to(), logits on another device are an error (a ring made or
+        restored without a device instead follows its first call's logits, see lookup)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(
+                f"TeacherRing.to takes a device, got the dtype {device}: the ring's storage dtype is fixed at "
+                f"construction (dtype={self.dtype}); logits of any float dtype read it"
+            )
+        self._move(torch.device(device))
+        self._follows_first_call = False
         return self
 
-    def _grow_reserve(self, reserve: int) -> None:
-        """Reallocate with a larger reserve, moving the live rows to their slots under the new P."""
-        old_rows, old_support, old_tail, old_stats = self.logits, self.support, self.tail, self.stats
-        old_physical = self.physical_rows
-        self._reserve = reserve
-        assert self.device is not None
-        self._allocate(self.device)
-        # Positions head - C .. head - 1 hold every live row: slot a % P_old -> slot a % P_new.
-        positions = self._head - self.capacity_rows + torch.arange(self.capacity_rows, device=self.device)
-        positions = positions.clamp_min(0)  # (before C rows exist, position 0 is copied more than once)
-        new_slots = positions % self.physical_rows
-        old_slots = positions % old_physical
-        self.logits[new_slots] = old_rows[old_slots]
-        self.stats[new_slots] = old_stats[old_slots]
-        if old_support is not None:
-            self.support[new_slots] = old_support[old_slots]
-            self.tail[new_slots] = old_tail[old_slots]
+    def _move(self, device: torch.device) -> None:
+        if self.device is None:
+            self._allocate(device)
+        else:
+            self.device = device
+            self._install(RingLayout(**{name: _to_device(value, device) for name, value in vars(self._layout()).items()}))
+            self._head = self._head.to(device)
         self._generation += 1
 
     # -- public state --------------------------------------------------------------------------
@@ -265,11 +350,20 @@ class TeacherRing:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict; vocab_size, capacity_rows and dtype must match this ring's. Also reads the
-        earlier format whose `start` / `length` tables were indexed by sample id."""
-        for key, mine in (("vocab_size", self.vocab_size), ("capacity_rows", self.capacity_rows)):
-            if state[key] != mine:
-                raise ValueError(f"state_dict has {key}={state[key]} but this ring has {key}={mine}")
+        """Restore a state_dict. vocab_size, dtype and storage (and k) must match this ring's; so must
+        capacity_rows, unless the ring grows (grow_capacity), which takes the saved capacity (and, with the
+        default reserve, a reserve of that many rows). Also reads the earlier format whose `start` /
+        `length` tables were indexed by sample id. Everything is checked before anything changes: a
+        state_dict that does not fit raises ValueError naming the field and leaves the ring as it was."""
+        if state["vocab_size"] != self.vocab_size:
+            raise ValueError(f"state_dict has vocab_size={state['vocab_size']} but this ring has vocab_size={self.vocab_size}")
+        capacity = state["capacity_rows"]
+        if not self.grow_capacity and capacity != self.capacity_rows:
+            raise ValueError(
+                f"state_dict has capacity_rows={capacity} but this ring has capacity_rows={self.capacity_rows} "
+                "(a ring with grow_capacity=True takes the saved capacity)"
+            )
+        check_positive_int("state_dict capacity_rows", capacity)
         if state["dtype"] != str(self.dtype).removeprefix("torch."):
             raise ValueError(f"state_dict has dtype {state['dtype']} but this ring stores {self.dtype}")
         if (state.get("storage", "dense"), state.get("k", self.vocab_size)) != (self.storage, self.topk):
@@ -278,22 +372,28 @@ class TeacherRing:
                 f"storage={self.storage!r}, k={self.topk}"
             )
         head = int(state["head"])
-        rows = state["rows"]
-        if rows.dim() != 2 or rows.shape != (min(head, self.capacity_rows), self.topk):
-            raise ValueError(f"state_dict rows have shape {tuple(rows.shape)}, inconsistent with its header")
+        n_rows = min(head, capacity)
+        shapes = {"rows": (n_rows, self.topk), "stats": (n_rows, 2)}
+        if self.support is not None:
+            shapes.update(support=(n_rows, self.topk), tail=(n_rows,))
+        for key, shape in shapes.items():
+            if head < 0 or tuple(state[key].shape) != shape:
+                raise ValueError(f"state_dict {key} have shape {tuple(state[key].shape)}, inconsistent with its header")
+        ids, start, length = _state_entries(state, head, capacity)
+        # everything fits: rebuild the ring
+        if self.grow_capacity:
+            self.capacity_rows = capacity
+            if self._reserve_follows_capacity:
+                self._reserve = capacity
+        self._head = torch.tensor(head, dtype=torch.int64)
         self._allocate(self.device or torch.device("cpu"))
-        self._head = torch.tensor(head, dtype=torch.int64, device=self.device)
         slots = self._live_positions() % self.physical_rows
-        self.logits[slots] = rows.to(device=self.device, dtype=self.dtype)
+        self.logits[slots] = state["rows"].to(device=self.device, dtype=self.dtype)
         if self.support is not None:
             self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
             self.tail[slots] = state["tail"].to(device=self.device, dtype=torch.float32)
         self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
-        ids, start, length = _state_entries(state, head, self.capacity_rows)
         n_entries = ids.shape[0]
-        self._ids.fill_(FREE_ID)
-        self._start.fill_(-1)
-        self._length.zero_()
         self._ids[:n_entries] = ids.to(self.device)
         self._start[:n_entries] = start.to(self.device)
         self._length[:n_entries] = length.to(self.device)
@@ -313,6 +413,11 @@ class TeacherRing:
                 were used (each sample is a teacher once, then a student once); "all" records every
                 sample; "none" records nothing and consumes nothing.
 
+        A call of more than the reserve's rows (or, with grow_capacity, more than capacity_rows) gets a
+        larger layout staged in the lookup (RingLookup.layout, live rows copied); commit installs it.
+        A ring made or restored without a device that meets `valid` on another device is moved there
+        first (TeacherRing.to); a ring given a device (or moved with to()) raises instead.
+
         Raises ValueError naming the argument for ids that are negative, repeated or not 1-D
         integers, a shape mismatch, or a device other than the ring's.
         """
@@ -324,29 +429,31 @@ class TeacherRing:
                 f"valid must be a bool tensor of shape ({ids_host.shape[0]}, T), one row per sample id, "
                 f"got {valid.dtype} {tuple(valid.shape)}"
             )
-        if self.device is None:
-            self._allocate(valid.device)
-        elif self._follows_first_call and valid.device != self.device:
-            self.to(valid.device)
+        if self.device is None or (self._follows_first_call and valid.device != self.device):
+            self._move(valid.device)
         self._follows_first_call = False
         if valid.device != self.device:
             raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
         n_rows = valid.numel()
-        if n_rows > self._reserve:
-            self._grow_reserve(n_rows)  # layout only: live entries keep their contents
+        capacity = max(self.capacity_rows, n_rows) if self.grow_capacity else self.capacity_rows
+        reserve = max(self._reserve, n_rows)
+        if (capacity, reserve) == (self.capacity_rows, self._reserve):
+            layout = self._layout()
+        else:
+            layout = self._resized(capacity, reserve)  # live entries keep their contents
 
         ids = ids_host.to(self.device, non_blocking=True)
-        physical = self.physical_rows
+        physical = layout.physical_rows
         # the table is sorted by id with its free slots last: the first position whose id is >= the key
-        table_position = torch.searchsorted(self._ids, ids).clamp_max(self.capacity_rows - 1)
-        live = (self._ids[table_position] == ids) & (self._start[table_position] >= 0)
-        start = torch.where(live, self._start[table_position], -1)
-        length = torch.where(live, self._length[table_position], 0)
+        table_position = torch.searchsorted(layout.ids, ids).clamp_max(capacity - 1)
+        live = (layout.ids[table_position] == ids) & (layout.start[table_position] >= 0)
+        start = torch.where(live, layout.start[table_position], -1)
+        length = torch.where(live, layout.length[table_position], 0)
         count = valid.sum(1)
         order = valid.cumsum(1) - 1  # k for the k-th valid row of each sample
         has_teacher = live & (length == count)
         mismatched = live & (length != count)
-        teacher_index = torch.where(valid & has_teacher[:, None], (start[:, None] + order) % physical, -1)
+        teacher_index = torch.where(valid & has_teacher[:, None], (start[:, None] + order) % physical, -1).reshape(-1)
 
         if record_policy == "none":
             recorded = torch.zeros_like(has_teacher)
@@ -362,8 +469,8 @@ class TeacherRing:
         new_length = torch.where(recorded, count, torch.where(consumed, 0, length))
         recorded_rows = record_count.sum()
         return RingLookup(
-            teacher_index=teacher_index.reshape(-1),
-            record=None if record_policy == "none" else self._row_record(record_index.reshape(-1)),
+            teacher_index=teacher_index,
+            record=None if record_policy == "none" else _row_record(layout, record_index.reshape(-1)),
             has_teacher=has_teacher,
             mismatched=mismatched,
             recorded_rows=recorded_rows,
@@ -374,26 +481,26 @@ class TeacherRing:
             table_position=table_position,
             found=live,
             generation=self._generation,
+            teachers=Teachers(layout.logits, teacher_index, layout.stats, layout.support, layout.tail),
+            layout=layout,
         )
 
-    def _row_record(self, index: torch.Tensor) -> RowRecord:
-        """Where the kernel (dense rows, statistics) and loss.fused_loss (top-k values) write recorded rows."""
-        if self.support is None or self.tail is None:
-            return RowRecord(index, self.logits, self.stats)
-        return RowRecord(index, None, self.stats, TopkRecord(self.logits, self.support, self.tail))
-
     def commit(self, lookup: RingLookup) -> None:
-        """Apply a lookup once its kernel call succeeded: new entries become live, used ones are consumed,
-        and entries pushed out of the last capacity_rows positions are evicted."""
+        """Apply a lookup once its kernel call succeeded: its layout is installed (if it staged a larger
+        one), new entries become live, used ones are consumed, and entries pushed out of the last
+        capacity_rows positions are evicted. With a fixed capacity, the first call that records more than
+        capacity_rows rows (so that some of them are evicted before the next call) raises a RuntimeWarning
+        once per ring; checking it reads recorded_rows (a sync) only in calls of more than capacity_rows rows."""
         if lookup.generation != self._generation:
             raise RuntimeError("this RingLookup is stale: the ring changed after it was made")
-        capacity = self.capacity_rows
+        layout = lookup.layout
+        capacity = layout.capacity_rows
         # the batch's ids that had an entry are replaced by their new state (or dropped)
         replaced = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         replaced.index_add_(0, lookup.table_position, lookup.found.long())
-        ids = torch.cat([self._ids, lookup.sample_ids])
-        start = torch.cat([self._start, lookup.new_start])
-        length = torch.cat([self._length, lookup.new_length])
+        ids = torch.cat([layout.ids, lookup.sample_ids])
+        start = torch.cat([layout.start, lookup.new_start])
+        length = torch.cat([layout.length, lookup.new_length])
         kept = torch.cat([replaced == 0, torch.ones_like(lookup.found)])
         # live after the commit: holds rows, and they lie within the last C positions under the new head
         live = kept & (start >= 0) & (length > 0) & (start >= lookup.new_head - capacity)
@@ -403,11 +510,34 @@ class TeacherRing:
         order = ids.argsort(stable=True)
         order = order[(~live[order]).to(torch.uint8).argsort(stable=True)][:capacity]
         live = live[order]
-        self._ids = ids[order]
-        self._start = torch.where(live, start[order], -1)
-        self._length = torch.where(live, length[order], 0)
+        self._install(replace(layout, ids=ids[order], start=torch.where(live, start[order], -1), length=torch.where(live, length[order], 0)))
         self._head = lookup.new_head
         self._generation += 1
+        if not self.grow_capacity and not self._warned_eviction and lookup.teacher_index.numel() > capacity:
+            recorded = int(lookup.recorded_rows)
+            if recorded > capacity:
+                self._warned_eviction = True
+                warnings.warn(
+                    f"TeacherRing: one call recorded {recorded} teacher rows, more than capacity_rows={capacity}, "
+                    "so the first of them are evicted before the next step can read them: those samples get no "
+                    "teacher (DistillStats.teacher_misses) and train on cross-entropy alone. Set capacity_rows to at "
+                    "least the rows of the largest batch (batch size * padded sequence length), or leave "
+                    "capacity_rows=None (DynSDPBLoss, DynSDPBTrainer) for a ring that grows on demand. "
+                    "(Warned once per ring.)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+
+def _row_record(layout: RingLayout, index: torch.Tensor) -> RowRecord:
+    """Where the kernel (dense rows, statistics) and loss.fused_loss (top-k values) write recorded rows."""
+    if layout.support is None or layout.tail is None:
+        return RowRecord(index, layout.logits, layout.stats)
+    return RowRecord(index, None, layout.stats, TopkRecord(layout.logits, layout.support, layout.tail))
+
+
+def _to_device(value: object, device: torch.device) -> object:
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _check_sample_ids(sample_ids: object) -> torch.Tensor:

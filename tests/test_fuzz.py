@@ -9,6 +9,7 @@ HYPOTHESIS_EXAMPLES=<k>) to explore further.
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,7 @@ def test_fuzz_module_steps_never_misalign(backend):
         loss_fn = DynSDPBLoss(vocab_size, capacity_rows=capacity, backend=backend, tau=2.0)
         lengths = torch.randint(2, 9, (12,), generator=gen)
         previous: list[int] = []
+        warned = False
         for step in range(4):
             new = list(range(3 * step, 3 * step + 3))
             ids = previous + new
@@ -121,7 +123,14 @@ def test_fuzz_module_steps_never_misalign(backend):
             for row, i in enumerate(ids):
                 labels[row, : lengths[i]] = torch.randint(0, vocab_size, (int(lengths[i]),), generator=gen)
             logits = torch.randn(len(ids), pad_to, vocab_size, generator=gen).requires_grad_(True)
-            loss = loss_fn(logits, labels, torch.tensor(ids))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loss = loss_fn(logits, labels, torch.tensor(ids))
+            # a fixed ring warns (once) when a call records more rows than it holds
+            evicting = int(loss_fn.last_stats.recorded_rows) > capacity
+            ring_warnings = [w for w in caught if "TeacherRing" in str(w.message)]
+            assert len(ring_warnings) == int(evicting and not warned)
+            warned |= evicting
             loss.backward()
             assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
             rows_needed = sum(int(lengths[i]) - 1 for i in previous)
