@@ -71,10 +71,10 @@ def assert_steps_match(actual: list[StepStats], expected: list[StepStats], rtol:
     could hide a wrong distillation term behind a large cross-entropy), and so do the teacher counts."""
     assert len(actual) == len(expected)
     for index, (a, b) in enumerate(zip(actual, expected)):
-        assert (a.teacher_samples, a.n_valid, a.n_distilled) == (b.teacher_samples, b.n_valid, b.n_distilled), (index, a, b)
         for name in ("loss", "ce", "distill", "kl"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol,
                                        msg=lambda m, name=name, index=index: f"step {index} {name}: {m}")
+        assert (a.teacher_samples, a.n_valid, a.n_distilled) == (b.teacher_samples, b.n_valid, b.n_distilled), (index, a, b)
 
 
 class RecordingTrainerMixin:
