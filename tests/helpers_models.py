@@ -66,15 +66,19 @@ def assert_distillation_visible(steps: list[StepStats], min_fraction: float = MI
         )
 
 
-def assert_steps_match(actual: list[StepStats], expected: list[StepStats], rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    """The loss, cross-entropy and distillation term of each step agree, each on its own (the total alone
-    could hide a wrong distillation term behind a large cross-entropy), and so do the teacher counts."""
+def assert_steps_match(
+    actual: list[StepStats], expected: list[StepStats], rtol: float = 1e-5, atol: float = 1e-6, label: str = "step"
+) -> None:
+    """The loss, cross-entropy, distillation term and KL of each step agree, each on its own (the total
+    alone could hide a wrong distillation term behind a large cross-entropy), and so do the row and teacher
+    counts. A failure names f"{label} {index}" (label: what the lists run over)."""
     assert len(actual) == len(expected)
     for index, (a, b) in enumerate(zip(actual, expected)):
         for name in ("loss", "ce", "distill", "kl"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=rtol, atol=atol,
-                                       msg=lambda m, name=name, index=index: f"step {index} {name}: {m}")
-        assert (a.teacher_samples, a.n_valid, a.n_distilled) == (b.teacher_samples, b.n_valid, b.n_distilled), (index, a, b)
+                                       msg=lambda m, name=name, index=index: f"{label} {index} {name}: {m}")
+        counts = [(s.teacher_samples, s.n_valid, s.n_distilled) for s in (a, b)]
+        assert counts[0] == counts[1], f"{label} {index}: (teacher_samples, n_valid, n_distilled) {counts[0]} != {counts[1]}"
 
 
 class RecordingTrainerMixin:

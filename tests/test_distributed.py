@@ -122,4 +122,4 @@ def test_ddp_two_ranks_match_a_single_process_replay(tmp_path):
         optimizer.zero_grad()
         (sum(losses) / WORLD).backward()
         optimizer.step()
-        assert_steps_match(replayed, [records[r]["steps"][step] for r in range(WORLD)])
+        assert_steps_match(replayed, [records[r]["steps"][step] for r in range(WORLD)], label=f"step {step}, rank")

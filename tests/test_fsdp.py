@@ -109,4 +109,4 @@ def test_sharded_fused_head_matches_a_single_process_replay(tmp_path, engine):
         optimizer.zero_grad()
         (sum(losses) / WORLD).backward()
         optimizer.step()
-        assert_steps_match(replayed, [records[r]["steps"][step] for r in range(WORLD)])
+        assert_steps_match(replayed, [records[r]["steps"][step] for r in range(WORLD)], label=f"step {step}, rank")

@@ -167,7 +167,7 @@ def test_apply_dynsdpb_skips_the_logits_in_training_only():
     patched_step, plain_step = StepStats.of(out.loss, loss_module), StepStats.of(expected, plain_loss)
     assert patched_step.teacher_samples == 3
     assert_distillation_visible([patched_step])
-    assert_steps_match([patched_step], [plain_step], rtol=1e-5, atol=1e-6)
+    assert_steps_match([patched_step], [plain_step], rtol=1e-5, atol=1e-6, label="second call")
     assert "dynsdpb_loss" not in dict(model.named_modules())  # checkpoints stay plain
     model.eval()
     evaluated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
