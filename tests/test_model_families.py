@@ -1,7 +1,9 @@
 """apply_dynsdpb across model families: with teachers off (the first step, an empty ring) the patched loss
-equals the model's own cross-entropy on a tiny config with large logits, and a model whose head transforms
-the logits other than by a softcap (Cohere's logit scale) is refused by name, unpatched. (Gemma 2 / 3's
-final-logit softcapping is applied by the fused loss: tests/test_softcap.py.)"""
+equals the model's own cross-entropy on a tiny config with large logits; with teachers (the same samples
+again after the head moved) its loss, cross-entropy and distillation term equal DynSDPBLoss's on the model's
+own logits, the distillation term a visible part of the loss; and a model whose head transforms the logits
+other than by a softcap (Cohere's logit scale) is refused by name, unpatched. (Gemma 2 / 3's final-logit
+softcapping is applied by the fused loss: tests/test_softcap.py.)"""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers_models import StepStats, assert_distillation_visible, assert_steps_match  # noqa: E402
+
+from dynsdpb_kernels import DynSDPBLoss  # noqa: E402
 from dynsdpb_kernels.integrations.transformers import DynSDPBTrainer, apply_dynsdpb  # noqa: E402
 
 VOCAB = 97
+HEAD_SHRINK = 0.1  # the head times this between the two calls: softer students of the peaked teachers
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0)
 
@@ -57,11 +63,26 @@ def test_patched_loss_equals_the_models_cross_entropy(family, overrides):
     input_ids, attention_mask, labels = _batch()
     own_output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     own = own_output.loss.detach()
-    apply_dynsdpb(model, capacity_rows=64, backend="reference")
-    patched = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sample_ids=torch.arange(3))
+    loss_module = apply_dynsdpb(model, capacity_rows=64, backend="reference")
+    ids = torch.arange(3)
+    patched = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sample_ids=ids)
     assert patched.logits is None
     assert own_output.logits.abs().max() > 30.0  # large logits: beyond Gemma 2's softcap of 30
     torch.testing.assert_close(patched.loss, own, rtol=1e-5, atol=1e-5)
+
+    # the same samples again after the head shrank: the first call's rows teach, in the patched loss as in
+    # DynSDPBLoss on the model's own (unpatched) logits, which recorded the same first call
+    plain_loss = DynSDPBLoss(VOCAB, capacity_rows=64, backend="reference")
+    plain_loss(own_output.logits, labels, ids)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(HEAD_SHRINK)
+    patched = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sample_ids=ids)
+    own_logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask).logits
+    expected = plain_loss(own_logits, labels, ids)
+    patched_step, plain_step = StepStats.of(patched.loss, loss_module), StepStats.of(expected, plain_loss)
+    assert patched_step.teacher_samples == 3
+    assert_distillation_visible([patched_step])
+    assert_steps_match([patched_step], [plain_step], rtol=1e-5, atol=1e-5, label="second call")
 
 
 @pytest.mark.parametrize(("family", "field"), [("cohere", "logit_scale")])

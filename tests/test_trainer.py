@@ -1,4 +1,7 @@
-"""DynSDPBTrainer with a tiny random LlamaForCausalLM on the CPU: training, logging, checkpoint and resume."""
+"""DynSDPBTrainer with a tiny random LlamaForCausalLM on the CPU: training, each step's loss, cross-entropy
+and distillation term against a replay with DynSDPBLoss, logging, checkpoint and resume. The LLaMA's logits
+are peaked (helpers_models.peaked_tiny_llama), so each step with teachers has a distillation term of
+percents of its loss, and a run without teachers fails the checks."""
 
 from __future__ import annotations
 
@@ -9,7 +12,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from dynsdpb_kernels.tools.finetune import pad_batch, tiny_llama  # noqa: E402
+from helpers_models import (  # noqa: E402
+    RecordingTrainerMixin, StepStats, assert_distillation_visible, assert_steps_match, peaked_tiny_llama, recorded_stats,
+    replay_steps,
+)
+
+from dynsdpb_kernels import DynSDPBLoss  # noqa: E402
+from dynsdpb_kernels.tools.finetune import pad_batch  # noqa: E402
 from dynsdpb_kernels.integrations.transformers import RING_FILE, DynSDPBTrainer  # noqa: E402
 
 VOCAB = 1000
@@ -36,7 +45,11 @@ class ProgressionDataset(torch.utils.data.Dataset):
 
 
 def tiny_model():
-    return tiny_llama(VOCAB, seed=0, hidden_size=32, layers=2)
+    return peaked_tiny_llama(VOCAB, seed=0, hidden_size=32, layers=2)
+
+
+class RecordingTrainer(RecordingTrainerMixin, DynSDPBTrainer):
+    """DynSDPBTrainer keeping every training step's batch, parameters and StepStats (helpers_models)."""
 
 
 def make_trainer(output_dir, max_steps=12, trainer_options=None, **kwargs):
@@ -45,7 +58,7 @@ def make_trainer(output_dir, max_steps=12, trainer_options=None, **kwargs):
         logging_steps=3, save_strategy="steps", save_steps=6, report_to=[], use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0, **kwargs,
     )
-    return DynSDPBTrainer(
+    return RecordingTrainer(
         model=tiny_model(), args=args, train_dataset=ProgressionDataset(),
         data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, capacity_rows=256, **(trainer_options or {}),
     )
@@ -58,12 +71,23 @@ def _train_logs(trainer):
 def test_trainer_trains_logs_and_saves_the_ring(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.train()
+    # every step's loss, cross-entropy and distillation term equal a replay's; the distillation term is
+    # percents of the loss, so a replay (or a trainer) without teachers could not match
+    steps = recorded_stats(trainer)
+    assert len(steps) == 12
+    assert_distillation_visible(steps)
+    replay_loss = DynSDPBLoss(VOCAB, tau=2.0, capacity_rows=256)
+    assert_steps_match(steps, replay_steps(trainer.steps, tiny_model(), replay_loss))
     logs = _train_logs(trainer)
     assert len(logs) == 4
-    for entry in logs:
+    for entry, window in zip(logs, (steps[i : i + 3] for i in range(0, 12, 3))):
         for key in ("ce", "kl", "alpha_mean", "tau_mean", "teacher_samples", "ring_bytes"):
             assert key in entry, key
         assert entry["ring_bytes"] > 0
+        # each log holds its 3 steps' stats: ce weighted by the valid rows, kl by the distilled rows
+        n_valid, n_distilled = sum(s.n_valid for s in window), sum(s.n_distilled for s in window)
+        assert entry["ce"] == pytest.approx(sum(s.ce * s.n_valid for s in window) / n_valid, rel=1e-5, abs=1e-6)
+        assert entry["kl"] == pytest.approx(sum(s.kl * s.n_distilled for s in window) / max(n_distilled, 1), rel=1e-5, abs=1e-6)
     assert logs[-1]["ring_bytes"] == trainer.dynsdpb_loss.ring.nbytes
     assert logs[-1]["ce"] < logs[0]["ce"] - 0.5  # the loss falls
     assert all(entry["teacher_samples"] > 0 for entry in logs[1:])  # DLB order: half of each batch distills
@@ -90,6 +114,8 @@ def test_resume_restores_the_ring_and_continues_identically(tmp_path):
     for a, b in zip(late, late_resumed):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-7)
+    assert_distillation_visible(recorded_stats(resumed))
+    assert_steps_match(recorded_stats(resumed), recorded_stats(uninterrupted)[6:])
     final_a = uninterrupted.dynsdpb_loss.ring.state_dict()
     final_b = resumed.dynsdpb_loss.ring.state_dict()
     assert torch.equal(final_a["entry_ids"], final_b["entry_ids"]) and torch.equal(final_a["entry_start"], final_b["entry_start"])
@@ -104,6 +130,8 @@ def test_fused_linear_trainer_matches_the_logits_path(tmp_path, storage):
     plain.train()
     fused = make_trainer(tmp_path / "fused", max_steps=6, trainer_options={**options, "fused_linear": True})
     fused.train()
+    assert_distillation_visible(recorded_stats(plain))
+    assert_steps_match(recorded_stats(fused), recorded_stats(plain), rtol=1e-4, atol=1e-5)
     plain_logs, fused_logs = _train_logs(plain), _train_logs(fused)
     assert len(fused_logs) == 2
     for a, b in zip(plain_logs, fused_logs):
@@ -128,6 +156,18 @@ def test_apply_dynsdpb_skips_the_logits_in_training_only():
     logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = plain_loss(logits, batch["labels"], ids)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    # the same samples again after both models' heads moved alike: the first call's rows teach
+    with torch.no_grad():
+        shift = 0.3 * torch.randn(reference.lm_head.weight.shape, generator=torch.Generator().manual_seed(2))
+        model.lm_head.weight.add_(shift)
+        reference.lm_head.weight.add_(shift)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], sample_ids=ids)
+    logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = plain_loss(logits, batch["labels"], ids)
+    patched_step, plain_step = StepStats.of(out.loss, loss_module), StepStats.of(expected, plain_loss)
+    assert patched_step.teacher_samples == 3
+    assert_distillation_visible([patched_step])
+    assert_steps_match([patched_step], [plain_step], rtol=1e-5, atol=1e-6, label="second call")
     assert "dynsdpb_loss" not in dict(model.named_modules())  # checkpoints stay plain
     model.eval()
     evaluated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])

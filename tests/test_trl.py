@@ -1,6 +1,8 @@
 """DynSDPBSFTTrainer (TRL's SFTTrainer with DynSDPB) with a tiny random LLaMA and a byte tokenizer built in
-code, on the CPU: each step's loss against a replay with DynSDPBLoss, sample ids through SFT's dataset
-preparation and collator for the three dataset kinds, the fused head, checkpoint and resume."""
+code, on the CPU: each step's loss, cross-entropy and distillation term against a replay with DynSDPBLoss,
+sample ids through SFT's dataset preparation and collator for the three dataset kinds, the fused head,
+checkpoint and resume. The LLaMA's logits are peaked (helpers_models.peaked_tiny_llama), so each step with
+teachers has a distillation term of percents of its loss, and a run without teachers fails the checks."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ import torch
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
+
+from helpers_models import (  # noqa: E402
+    RecordingTrainerMixin, assert_distillation_visible, assert_steps_match, peaked_tiny_llama, recorded_stats,
+    replay_steps,
+)
 
 from dynsdpb_kernels import DynSDPBLoss  # noqa: E402
 from dynsdpb_kernels.tools.finetune import hf_byte_tokenizer, tiny_llama  # noqa: E402
@@ -44,22 +51,14 @@ def make_dataset(kind: str):
     return datasets.Dataset.from_list(rows), expected
 
 
-class RecordingSFTTrainer(DynSDPBSFTTrainer):
-    """Keeps, for every training step, the batch, num_items_in_batch, the parameters before the step and
-    the loss the trainer returned."""
+class RecordingSFTTrainer(RecordingTrainerMixin, DynSDPBSFTTrainer):
+    """DynSDPBSFTTrainer keeping, for every training step, the batch, num_items_in_batch, the parameters
+    before the step and the step's StepStats (helpers_models.RecordingTrainerMixin)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.steps = []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        parameters = {name: p.detach().clone() for name, p in model.state_dict().items()} if model.training else None
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if model.training:
-            batch = {k: v.clone() for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels", "sample_ids")}
-            batch["teacher_samples"] = self.dynsdpb_loss.last_stats.teacher_samples.clone()
-            self.steps.append((batch, num_items_in_batch, parameters, loss.detach().clone()))
-        return loss
+def tiny_model():
+    """Peaked logits: the teachers' distillation term is a visible part of each loss (helpers_models)."""
+    return peaked_tiny_llama(TOKENIZER.vocab_size, seed=0, hidden_size=32, layers=2)
 
 
 def make_trainer(output_dir, kind="text", max_steps=4, trainer_cls=RecordingSFTTrainer, **options):
@@ -70,22 +69,16 @@ def make_trainer(output_dir, kind="text", max_steps=4, trainer_cls=RecordingSFTT
         disable_tqdm=True, dataloader_num_workers=0, max_length=64, bf16=False,  # SFTConfig defaults to bf16 autocast
     )
     return trainer_cls(
-        model=tiny_llama(TOKENIZER.vocab_size, seed=0, hidden_size=32, layers=2), args=config,
-        train_dataset=dataset, processing_class=TOKENIZER, tau=2.0, capacity_rows=512, **options,
+        model=tiny_model(), args=config, train_dataset=dataset, processing_class=TOKENIZER, tau=2.0, capacity_rows=512,
+        **options,
     )
 
 
 def _replay(trainer):
-    """Each recorded step's loss recomputed outside the trainer: the model at that step's parameters,
-    its logits, and a fresh DynSDPBLoss fed the same batches in the same order."""
-    model = tiny_llama(TOKENIZER.vocab_size, seed=0, hidden_size=32, layers=2)
+    """Each recorded step's loss and its parts recomputed outside the trainer: the model at that step's
+    parameters, its logits, and a fresh DynSDPBLoss fed the same batches in the same order."""
     loss_fn = DynSDPBLoss(TOKENIZER.vocab_size, tau=2.0, capacity_rows=512)
-    losses = []
-    for batch, num_items, parameters, _ in trainer.steps:
-        model.load_state_dict(parameters)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.append(loss_fn(logits, batch["labels"], batch["sample_ids"], num_items_in_batch=num_items).detach())
-    return losses, loss_fn
+    return replay_steps(trainer.steps, tiny_model(), loss_fn), loss_fn
 
 
 @pytest.mark.parametrize("kind", ["text", "pretokenized", "conversational"])
@@ -104,13 +97,18 @@ def test_sft_losses_equal_a_replay_and_ids_survive_preparation(tmp_path, kind):
     for (previous, *_), (current, *_) in zip(trainer.steps, trainer.steps[1:]):
         carried = current["sample_ids"][: len(current["sample_ids"]) - 3].tolist()
         assert carried == previous["sample_ids"][-3:].tolist()
+    # the loss, its cross-entropy and its distillation term, each equal to the replay's; the distillation
+    # term is percents of the loss, so a replay (or a trainer) without teachers could not match
+    assert_distillation_visible(recorded_stats(trainer))
     replayed, loss_fn = _replay(trainer)
-    for (*_, loss), expected in zip(trainer.steps, replayed):
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert_steps_match(recorded_stats(trainer), replayed)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4
-    for entry in logs:
+    for entry, step in zip(logs, replayed):  # one step per log: the logged stats are the step's
         assert {"ce", "kl", "alpha_mean", "tau_mean", "teacher_samples", "ring_bytes"} <= entry.keys()
+        assert entry["ce"] == pytest.approx(step.ce, rel=1e-5, abs=1e-6)
+        assert entry["kl"] == pytest.approx(step.kl, rel=1e-5, abs=1e-6)
+        assert entry["alpha_mean"] == pytest.approx(step.alpha_mean, rel=1e-5, abs=1e-6)
     assert all(entry["teacher_samples"] == 3 for entry in logs[1:])
     assert logs[-1]["ring_bytes"] == trainer.dynsdpb_loss.ring.nbytes == loss_fn.ring.nbytes
     final, replayed_ring = trainer.dynsdpb_loss.ring.state_dict(), loss_fn.ring.state_dict()
@@ -124,8 +122,8 @@ def test_fused_head_matches_the_logits_path(tmp_path, storage):
     plain.train()
     fused = make_trainer(tmp_path / "fused", max_steps=3, fused_linear=True, **options)
     fused.train()
-    for (*_, a), (*_, b) in zip(plain.steps, fused.steps):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert_distillation_visible(recorded_stats(plain))
+    assert_steps_match(recorded_stats(fused), recorded_stats(plain), rtol=1e-4, atol=1e-5)
     assert fused.dynsdpb_loss.ring.nbytes == plain.dynsdpb_loss.ring.nbytes
 
 
@@ -136,14 +134,14 @@ def test_resume_restores_the_ring(tmp_path):
     resumed = make_trainer(tmp_path / "b", max_steps=6)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert len(resumed.steps) == 3
-    for (*_, a), (*_, b) in zip(uninterrupted.steps[3:], resumed.steps):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert_distillation_visible(recorded_stats(resumed))
+    assert_steps_match(recorded_stats(resumed), recorded_stats(uninterrupted)[3:])
     final_a, final_b = uninterrupted.dynsdpb_loss.ring.state_dict(), resumed.dynsdpb_loss.ring.state_dict()
     for key in ("entry_ids", "entry_start", "entry_length", "head"):
         assert torch.equal(final_a[key], final_b[key]), key
     torch.testing.assert_close(uninterrupted.dynsdpb_loss.ring.state_dict()["rows"], resumed.dynsdpb_loss.ring.state_dict()["rows"])
     # the restored ring teaches the first resumed step (a fresh ring would have no teachers there)
-    assert int(resumed.steps[0][0]["teacher_samples"]) == int(uninterrupted.steps[3][0]["teacher_samples"]) == 3
+    assert resumed.steps[0][-1].teacher_samples == uninterrupted.steps[3][-1].teacher_samples == 3
 
 
 def test_padding_free_is_refused():
