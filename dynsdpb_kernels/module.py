@@ -21,6 +21,10 @@ from .fused_linear import fused_linear_loss, fused_linear_loss_with_grad
 from .loss import LossStats, dynsdpb_loss_with_grad, as_rows, fused_loss, loss_stats, row_counts
 from .ring import RECORD_POLICIES, RingLookup, TeacherRing
 
+# Where a sample's teacher comes from: its logits one step earlier (DLB's batch order, OverlapBatchSampler),
+# or its logits at its previous visit, an epoch earlier (any once-per-epoch order, VisitBatchSampler).
+TEACHERS = ("previous_batch", "previous_visit")
+
 
 @dataclass(frozen=True)
 class DistillStats:
@@ -80,17 +84,25 @@ class RingLoss(nn.Module):
         softcap: float | None = None,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
-        teacher_storage: str = "dense",
+        teacher_storage: str | None = None,
         topk: int = 64,
-        record_policy: str = "new",
+        record_policy: str | None = None,
         shift_labels: bool = True,
         backend: str = "auto",
         validate: bool = True,
+        teacher: str = "previous_batch",
     ) -> None:
         super().__init__()
         check_positive_int("vocab_size", vocab_size)
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+        last_visit = teacher == "previous_visit"
+        if record_policy is None:
+            record_policy = "all" if last_visit else "new"
         if record_policy not in RECORD_POLICIES:
             raise ValueError(f"record_policy must be one of {RECORD_POLICIES}, got {record_policy!r}")
+        if last_visit and record_policy != "all":
+            raise ValueError(f"teacher='previous_visit' records every visit: record_policy must be 'all', got {record_policy!r}")
         self.vocab_size = vocab_size
         self.options = LossOptions(
             distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap),
@@ -101,7 +113,8 @@ class RingLoss(nn.Module):
         check_options(self.options)
         self.capacity_rows = capacity_rows
         self.teacher_dtype = teacher_dtype
-        self.teacher_storage = teacher_storage
+        self.teacher = teacher
+        self.teacher_storage = teacher_storage or ("topk" if last_visit else "dense")
         self.topk = topk
         self.record_policy = record_policy
         self.shift_labels = shift_labels
@@ -115,7 +128,8 @@ class RingLoss(nn.Module):
         return (
             f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic!r}, "
             f"softcap={config.softcap}, "
-            f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record_policy={self.record_policy!r}"
+            f"teacher={self.teacher!r}, capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, "
+            f"teacher_storage={self.teacher_storage!r}, record_policy={self.record_policy!r}"
         )
 
     # The ring travels with the module's state_dict (and so with checkpoints of a model that owns it).
@@ -139,7 +153,7 @@ class RingLoss(nn.Module):
         module was given capacity_rows."""
         return TeacherRing(
             self.vocab_size, capacity_rows, dtype=self.teacher_dtype, storage=self.teacher_storage, topk=self.topk,
-            grow_capacity=self.capacity_rows is None,
+            grow_capacity=self.capacity_rows is None, keep_visits=self.teacher == "previous_visit",
         )
 
     def _begin_step(
@@ -232,10 +246,20 @@ class DynSDPBLoss(RingLoss):
             grow_capacity; memory 2 * max(B * T) rows, see TeacherRing).
         teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
         teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their
-            ids; the KL is then taken over the teacher's top-k support, see TeacherRing).
+            ids; the KL is then taken over the teacher's top-k support, see TeacherRing). None (default):
+            "dense" for teacher="previous_batch", "topk" for "previous_visit".
         topk: k for teacher_storage="topk".
-        record_policy: "new" (default: a sample with a teacher is consumed, one without is recorded),
-            "all" or "none"; see TeacherRing.lookup.
+        record_policy: "new" (the default for previous_batch: a sample with a teacher is consumed, one
+            without is recorded), "all" (the default, and the only one, for previous_visit) or "none";
+            see TeacherRing.lookup.
+        teacher: "previous_batch" (default; DLB): a sample is taught by its logits one step earlier, so
+            each batch holds the previous step's new samples again (OverlapBatchSampler).
+            "previous_visit": a sample is taught by its own logits from its previous visit, an epoch
+            earlier, with no re-run: use a once-per-epoch order (VisitBatchSampler; under DDP each
+            sample must return to the same rank, as VisitBatchSampler's fixed shards ensure). The first
+            epoch has no teachers. The ring keeps every sample: with capacity_rows=None it grows to
+            2 * S rows, S = sum over the samples of their padded length T at their first visit
+            (TeacherRing keep_visits); top-k storage by default, k * (dtype + 8) + 12 bytes a row.
         shift_labels: for (B, T, V) logits, position t predicts labels[:, t + 1] (Hugging Face
             causal-LM convention); set False when labels are already shifted.
         backend, validate, inplace_grad: as in dynsdpb_loss.

@@ -22,6 +22,13 @@ the next call: the previous step's samples (DLB's teachers) are never evicted. W
 (grow_capacity=False) a call that records more than C rows evicts some of its own entries before the
 next call can read them; the ring then warns once (RuntimeWarning naming capacity_rows).
 
+Last-visit teachers (keep_visits=True, with grow_capacity; DynSDPBLoss(teacher="previous_visit")). Every
+visit of a sample records it and the next visit, an epoch later, reads it. With each sample visited once
+per epoch, fewer than 2 * S positions are written between two visits of one sample, S the rows of all
+samples (the rest of one epoch, the start of the next), so C >= 2 * S keeps every entry live until its
+next visit. The ring bounds S on the host, with no sync: a sample seen for the first time in a call of
+(B, T) rows adds T (>= its valid rows); the ids seen and the bound travel in the state_dict.
+
 Entry table. Every live entry holds at least one row and the live rows are C distinct positions, so at
 most C entries are live. The table is three (C,) int64 tensors on the ring's device, sorted by sample id:
 `_ids`, `_start`, `_length`; its live entries come first, the free tail holds id 2^63 - 1 and start -1.
@@ -84,6 +91,8 @@ class RingLookup:
     generation: int
     teachers: Teachers
     layout: RingLayout
+    first_visits: tuple[int, ...] = ()
+    visit_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,10 @@ class TeacherRing:
             (RuntimeWarning). True: C starts at capacity_rows and a call of more rows (B * T, padding
             included) than C raises C to them (one reallocation, every live entry kept), so the entries
             one call records are all live at the next call; load_state_dict then adopts the saved C.
+        keep_visits: with grow_capacity, also keep every sample's entry until its next visit an epoch
+            later (last-visit teachers, record_policy="all", each sample visited once per epoch):
+            C >= 2 * S, S the host-side bound of all samples' rows (module docstring). Costs a host set
+            of the sample ids seen (saved in the state_dict).
 
     Memory (`nbytes`, exact), with P = C + reserve:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
@@ -136,7 +149,8 @@ class TeacherRing:
     (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
     triples; head), independent of how many distinct sample ids were seen and of their magnitude. With
     grow_capacity, C and the reserve are each the rows of the largest call so far (if larger than
-    their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made.
+    their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made. With keep_visits, C is
+    2 * S = 2 * (sum over the samples seen of T at their first visit), and the reserve max(B * T).
     """
 
     def __init__(
@@ -149,6 +163,7 @@ class TeacherRing:
         storage: str = "dense",
         topk: int = 64,
         grow_capacity: bool = False,
+        keep_visits: bool = False,
     ) -> None:
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
@@ -158,11 +173,16 @@ class TeacherRing:
             raise TypeError(f"dtype must be one of {RING_DTYPES}, got {dtype}")
         if not isinstance(grow_capacity, bool):
             raise TypeError(f"grow_capacity must be a bool, got {type(grow_capacity).__name__}")
+        if not isinstance(keep_visits, bool):
+            raise TypeError(f"keep_visits must be a bool, got {type(keep_visits).__name__}")
         reserve = capacity_rows if reserve_rows is None else reserve_rows
         check_positive_int("reserve_rows", reserve)
         self.vocab_size = vocab_size
         self.capacity_rows = capacity_rows
         self.grow_capacity = grow_capacity
+        self.keep_visits = keep_visits
+        self._visited: set[int] = set()  # keep_visits: the ids seen, and the bound S of their rows
+        self._visit_rows = 0
         self.storage = storage
         self.topk = min(topk, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
@@ -347,6 +367,8 @@ class TeacherRing:
             "entry_start": self._start[:n_entries].cpu(),
             "entry_length": self._length[:n_entries].cpu(),
             "head": self._head.cpu(),
+            **({"visited_ids": torch.tensor(sorted(self._visited), dtype=torch.int64),
+                "visit_rows": self._visit_rows} if self.keep_visits else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -398,6 +420,9 @@ class TeacherRing:
         self._start[:n_entries] = start.to(self.device)
         self._length[:n_entries] = length.to(self.device)
         self._generation += 1
+        if self.keep_visits:  # a state_dict of a ring without keep_visits restarts the bound
+            self._visited = set(state["visited_ids"].tolist()) if "visited_ids" in state else set()
+            self._visit_rows = int(state.get("visit_rows", 0))
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
 
@@ -436,6 +461,13 @@ class TeacherRing:
             raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
         n_rows = valid.numel()
         capacity = max(self.capacity_rows, n_rows) if self.grow_capacity else self.capacity_rows
+        first_visits: tuple[int, ...] = ()
+        visit_rows = self._visit_rows
+        if self.keep_visits:
+            first_visits = tuple(i for i in ids_host.tolist() if i not in self._visited)
+            visit_rows += len(first_visits) * valid.shape[1]  # T >= a sample's valid rows
+            if self.grow_capacity:
+                capacity = max(capacity, 2 * visit_rows)  # fewer than 2 S positions pass between two visits
         reserve = max(self._reserve, n_rows)
         if (capacity, reserve) == (self.capacity_rows, self._reserve):
             layout = self._layout()
@@ -483,6 +515,8 @@ class TeacherRing:
             generation=self._generation,
             teachers=Teachers(layout.logits, teacher_index, layout.stats, layout.support, layout.tail),
             layout=layout,
+            first_visits=first_visits,
+            visit_rows=visit_rows,
         )
 
     def commit(self, lookup: RingLookup) -> None:
@@ -513,6 +547,8 @@ class TeacherRing:
         self._install(replace(layout, ids=ids[order], start=torch.where(live, start[order], -1), length=torch.where(live, length[order], 0)))
         self._head = lookup.new_head
         self._generation += 1
+        self._visited.update(lookup.first_visits)
+        self._visit_rows = lookup.visit_rows
         if not self.grow_capacity and not self._warned_eviction and lookup.teacher_index.numel() > capacity:
             recorded = int(lookup.recorded_rows)
             if recorded > capacity:
