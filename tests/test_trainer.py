@@ -172,3 +172,33 @@ def test_apply_dynsdpb_skips_the_logits_in_training_only():
     model.eval()
     evaluated = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     assert evaluated.logits is not None and evaluated.logits.shape == (3, batch["input_ids"].shape[1], VOCAB)
+
+
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused"])
+def test_previous_visit_teachers_over_epochs(tmp_path, fused_linear):
+    """teacher="previous_visit": plain batches of 4 (VisitBatchSampler: every sample once per epoch, no
+    re-run), no teachers in epoch 1, then every sample of every step taught by its own logits from the
+    previous epoch; each step equals a replay, and the ring kept every sample (none evicted)."""
+    n_samples, batch_size, epochs = 16, 4, 3
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, num_train_epochs=epochs, learning_rate=1e-2,
+        logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = RecordingTrainer(
+        model=tiny_model(), args=args, train_dataset=ProgressionDataset(n_samples),
+        data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, teacher="previous_visit",
+        fused_linear=fused_linear,
+    )
+    trainer.train()
+    steps = recorded_stats(trainer)
+    per_epoch = n_samples // batch_size
+    assert len(steps) == epochs * per_epoch
+    assert [s.teacher_samples for s in steps] == [0] * per_epoch + [batch_size] * (epochs - 1) * per_epoch
+    for epoch in range(epochs):  # each epoch visits every sample once, in batches of batch_size
+        ids = torch.cat([batch["sample_ids"] for batch, *_ in trainer.steps[epoch * per_epoch : (epoch + 1) * per_epoch]])
+        assert sorted(ids.tolist()) == list(range(n_samples))
+    assert_distillation_visible(steps)
+    replay_loss = DynSDPBLoss(VOCAB, tau=2.0, teacher="previous_visit")
+    assert_steps_match(steps, replay_steps(trainer.steps, tiny_model(), replay_loss), atol=1e-5)
+    assert trainer.dynsdpb_loss.ring.storage == "topk"

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..module import DynSDPBLoss, FusedLinearDynSDPBLoss
-from ..sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
+from ..sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset, VisitBatchSampler
 
 RING_FILE = "dynsdpb_ring.pt"
 
@@ -156,10 +156,15 @@ class DynSDPBTrainerMixin:
         fused_linear: compute the loss from the last hidden states through the fused linear path
             (apply_dynsdpb): the (B, T, V) logits are never formed in training. teacher_storage and
             topk choose the ring's storage ("topk" keeps it small as well).
+        teacher: "previous_batch" (default, DLB: OverlapBatchSampler, a step holds up to twice
+            per_device_train_batch_size samples) or "previous_visit" (each sample taught by its logits
+            from the previous epoch, no re-run: VisitBatchSampler, per_device_train_batch_size samples a
+            step, fixed shards per process; the first epoch has no teachers; top-k ring by default).
 
     What it changes:
         - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
-          Trainer) SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one disjoint
+          Trainer) SampleIdDataset + OverlapBatchSampler (VisitBatchSampler for teacher="previous_visit";
+          seeded with data_seed or seed; one disjoint
           stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
           the train dataset; accelerate puts the batches on the device but does not shard or dispatch
           them again (see _prepare_own_stream), so each process trains every step on its own stream;
@@ -181,8 +186,9 @@ class DynSDPBTrainerMixin:
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
         fused_linear: bool = False,
-        teacher_storage: str = "dense",
+        teacher_storage: str | None = None,
         topk: int = 64,
+        teacher: str = "previous_batch",
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -190,7 +196,7 @@ class DynSDPBTrainerMixin:
         if dynsdpb_loss is None:
             vocab_size = self.model.get_output_embeddings().weight.shape[0]
             options = dict(alpha=alpha, tau=tau, dynamic=dynamic, capacity_rows=capacity_rows, teacher_dtype=teacher_dtype,
-                           teacher_storage=teacher_storage, topk=topk)
+                           teacher_storage=teacher_storage, topk=topk, teacher=teacher)
             if fused_linear:  # the fused head caps the raw logits as the model would (the logits path gets capped ones)
                 dynsdpb_loss = FusedLinearDynSDPBLoss(vocab_size, softcap=model_softcap(self.model), **options)
             else:
@@ -211,7 +217,10 @@ class DynSDPBTrainerMixin:
         if _is_hf_dataset(dataset):  # as the Trainer does: keep the columns the model (or collator) takes
             dataset = self._remove_unused_columns(dataset, description="training")
         dataset = SampleIdDataset(dataset)
-        sampler = OverlapBatchSampler(
+        # DLB's overlap order for teachers from the previous batch; plain epochs over fixed per-rank shards
+        # for teachers from the previous visit
+        order = VisitBatchSampler if self.dynsdpb_loss.teacher == "previous_visit" else OverlapBatchSampler
+        sampler = order(
             len(dataset),
             self._train_batch_size,
             drop_last=args.dataloader_drop_last,
@@ -255,8 +264,8 @@ class DynSDPBTrainerMixin:
         prepared = accelerator.prepare_data_loader(prepared)
         if prepared.batch_sampler is not loader.batch_sampler:
             raise RuntimeError(
-                f"{type(self).__name__}: accelerate replaced the OverlapBatchSampler of the train dataloader by "
-                f"{type(prepared.batch_sampler).__name__}; the DLB batch order would be lost"
+                f"{type(self).__name__}: accelerate replaced the {type(loader.batch_sampler).__name__} of the train "
+                f"dataloader by {type(prepared.batch_sampler).__name__}; the batch order the teachers rely on would be lost"
             )
         return prepared
 

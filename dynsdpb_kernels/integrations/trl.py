@@ -27,7 +27,7 @@ class DynSDPBSFTTrainer(DynSDPBTrainerMixin, SFTTrainer):
     Args: SFTTrainer's (model, args=SFTConfig(...), train_dataset with plain text, pre-tokenized
     input_ids, prompt-completion or conversational examples, processing_class, ...) and
     DynSDPBTrainerMixin's (dynsdpb_loss, alpha, tau, dynamic, capacity_rows, teacher_dtype,
-    fused_linear, teacher_storage, topk).
+    fused_linear, teacher_storage, topk, teacher: "previous_batch" or "previous_visit").
 
     Raises ValueError for padding-free batches (SFTConfig padding_free=True, or packing with the "bfd"
     strategies, which imply it): they concatenate the batch's samples into one row, so the loss could not
