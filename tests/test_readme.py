@@ -82,3 +82,16 @@ def test_fused_head_example_runs(capsys):
     exec(compile(code, str(README), "exec"), namespace)
     assert namespace["hidden"].grad is not None and namespace["head"].weight.grad is not None
     assert re.fullmatch(r"loss [\d.]+  teachers 2  ring \d+ bytes\n", capsys.readouterr().out)
+
+
+def test_last_visit_example_runs_and_distills(capsys):
+    code = python_block_after("## Teachers from the previous visit (no re-run)")
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert re.fullmatch(r"epoch 0: loss [\d.]+  teachers 0/8  ring \d+ bytes", lines[0])
+    for line in lines[1:]:  # every sample of every batch taught by its previous visit
+        assert re.fullmatch(r"epoch \d: loss [\d.]+  teachers 8/8  ring \d+ bytes", line), line
+    ring = namespace["loss_fn"].ring
+    assert ring.storage == "topk" and int(namespace["loss_fn"].last_stats.teacher_misses) == 0
