@@ -9,6 +9,37 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
               (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
     pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
 
+How a row is walked. Each of the BLOCK_V lanes of a loop step keeps its own online state in the loop's
+block-shaped accumulators, and the lanes are combined once per row after the loop (tl.max / tl.sum over
+the block axis): no shuffle, shared memory or barrier inside a vocabulary loop. Per lane and element,
+with delta = x - m_lane and e = exp2(-|delta| * scale) (the exp(-|x - m|) trick: ONE exponential per
+element per state, whichever of x and m is larger):
+    temperature-1 state (_lane_step): max m, second max m2 = max(m2, min(m, x)), s_rest (the lane's sum
+        without one occurrence of its max, the 1 + s_rest form) and ent = sum e (x - m), rescaled by
+        r = (delta > 0 ? e : 1): s_rest = r s_rest + e, ent = r ent + e (-|delta|) (1 + (delta > 0 ? s_rest : 0))
+    sums at tau_r (_tempered_step, _max_sum_step): total = (delta > 0 ? total e + 1 : total + e); the
+        student's shares its lane maximum (and delta) with the temperature-1 state
+All exponentials are exp2 with log2(e) and 1 / tau_r folded into one scale (tau_scale = log2(e) / tau_r);
+pass 2 works in base 2 (log2 P - log2 Q = (t - z) tau_scale + a per-row offset) and the label's gradient
+entry is rewritten once after pass 2 (no per-element select): each element is still rounded once, and the
+precision tricks stay (1 + s_rest for confident rows, the exact true-class gradient -s_rest / (1 + s_rest)).
+
+Budget per specialization (bench/sass_roofline.md: static counts of the loops' SASS per logit element on
+sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01;
+predictions from the machine code, not GPU timings):
+
+    specialization                         instructions (pre-pass + pass 1 + pass 2)  MUFU  LDG+STG bytes
+    plain CE (no teacher, grad)            26.0  (      17.0 +  9.0)                   2.0   4+2 (4 minimal)
+    ring step (dense bf16 teachers with    57.5  (      34.25 + 23.25)                 6.0   8+4 (8 minimal)
+      stats, ring write, dynamic, grad)
+    teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
+    top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
+
+MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r; the pre-pass's t at 1) and in
+pass 2 one each for softmax(z), Q and P; no division in a loop (the per-row reciprocals are hoisted).
+tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
+<= 64 / 6, teachers without stats <= 80 / 7.5).
+
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
 """
@@ -35,9 +66,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 LANE_FLOOR = tl.constexpr(-1e30)
 FP16_LANE_FLOOR = tl.constexpr(-65504.0)
 
-# Largest vocabulary block of one loop step, and vocabulary entries per thread (and live operand): the
-# widest block that spills in no specialization on sm_90 (H100/H200) and keeps at least 32 of its 64 warp
-# slots resident in each is 2048 at 16 warps (bench/triton_resources.md: 32-52 registers per thread).
+# Largest vocabulary block of one loop step, and vocabulary entries per thread (and per-lane state): of the
+# blocks that spill in no specialization on sm_90 (H100/H200) and keep at least 16 of its 64 warp slots
+# resident in each, 2048 at 16 warps has the fewest vocabulary-loop instructions per element
+# (bench/triton_resources.md: 40-95 registers per thread; 2 entries per thread cost the ring step 66).
 MAX_BLOCK_V = 2048
 ELEMENTS_PER_THREAD = 4
 
@@ -317,7 +349,7 @@ def _dynsdpb_row_kernel(
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
-    z_label = tl.load(logits_row + label, mask=valid & label_in_range, other=0.0).to(tl.float32)
+    z_label_raw, z_label = _student_logits(logits_row, label, valid & label_in_range)
     ce = tl.where(valid, (zm1 - z_label) + _log1p(zs_rest), 0.0)
     ce = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), ce)
 
@@ -342,7 +374,7 @@ def _dynsdpb_row_kernel(
         k_mask = k_lane < tl.where(distilled, K, 0)  # nothing to load for rows without a teacher
         t_k = tl.load(teacher_row + k_lane, mask=k_mask, other=float("-inf")).to(tl.float32)
         support = tl.load(support_ptr + tl.maximum(teacher_id, 0) * support_row_stride + k_lane, mask=k_mask, other=0)
-        z_k = tl.load(logits_row + support, mask=k_mask, other=0.0).to(tl.float32)
+        z_k_raw, z_k = _student_logits(logits_row, support, k_mask)
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
         # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
@@ -374,11 +406,11 @@ def _dynsdpb_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
-            _, z = _student_logits(logits_row, cols, mask)
+            z_raw, z = _student_logits(logits_row, cols, mask)
             z_shifted = z - zm1
             grad = zeros
-            if COMPUTE_GRAD:
-                grad = tl.where(cols == label, label_value, tl.exp2(z_shifted * LOG2E) * prob_scale)
+            if COMPUTE_GRAD:  # the label's entry is rewritten below
+                grad = tl.exp2(z_shifted * LOG2E) * prob_scale
             if distilled:
                 q = tl.exp2(z_shifted * tau_scale - log2_zs_tau)
                 if TEACHER_TOPK:  # the support entries are rewritten below
@@ -393,6 +425,21 @@ def _dynsdpb_row_kernel(
             if COMPUTE_GRAD:
                 tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
     kl += LN2 * tl.sum(kl_lanes, axis=0)
+
+    if COMPUTE_GRAD:
+        if valid & label_in_range:
+            # The label's entry, rewritten whole (its exact ce gradient label_value, no per-element select in
+            # pass 2), so that it is still rounded once; the barrier orders this store after pass 2's.
+            tl.debug_barrier()
+            label_entry = label_value
+            if distilled:
+                q_label = tl.exp2((z_label - zm1) * tau_scale - log2_zs_tau)
+                if TEACHER_TOPK:  # a label on the support is rewritten again below
+                    label_entry += q_scale * q_label
+                else:
+                    t_label = tl.load(teacher_row + label).to(tl.float32)
+                    label_entry += kl_coef * (q_label - tl.exp2((t_label - tm1) * tau_scale - log2_ts_tau))
+            tl.store(grad_row + label, _round_to(label_entry, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING))
 
     if TEACHER_TOPK and COMPUTE_GRAD:
         if distilled:
