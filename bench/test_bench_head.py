@@ -1,7 +1,8 @@
 """pytest-benchmark of the LM head + loss step: `pytest bench/test_bench_head.py --benchmark-only`.
 
 Shape from DYNSDPB_BENCH_HEAD ("NxVxH", default "1024x32000x256"), float32 on the CPU, bfloat16 on
-CUDA. Peak memory per provider, measured in fresh processes, is `dynsdpb bench-head`.
+CUDA; each provider with a trainable head and with a frozen one (weight.requires_grad=False, as under
+LoRA: no dL/dW is formed). Peak memory per provider, measured in fresh processes, is `dynsdpb bench-head`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ N, V, H = (int(x) for x in os.environ.get("DYNSDPB_BENCH_HEAD", "1024x32000x256"
 PROVIDERS = [p for p in HEAD_PROVIDERS if p != "liger" or DEVICE == "cuda"]
 
 
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_head_step(benchmark, provider):
+def test_head_step(benchmark, provider, head):
     dtype = "bfloat16" if DEVICE == "cuda" else "float32"
     case = HeadCase(provider, N, V, H, dtype, DEVICE)
     try:
@@ -28,7 +30,7 @@ def test_head_step(benchmark, provider):
         pytest.skip(f"{provider} is not installed: {error}")
     torch.manual_seed(0)
     hidden = torch.randn(N, H, device=DEVICE).to(getattr(torch, dtype)).requires_grad_(True)
-    weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(getattr(torch, dtype)).requires_grad_(True)
+    weight = (torch.randn(V, H, device=DEVICE) / H**0.5).to(getattr(torch, dtype)).requires_grad_(head == "trainable")
     labels = torch.randint(0, V, (N,), device=DEVICE)
     counter = iter(range(10**6))
 

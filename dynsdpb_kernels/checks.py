@@ -19,6 +19,11 @@ def check_options(options: LossOptions) -> None:
         raise ValueError(f"alpha must be a finite number >= 0, got {config.alpha!r}")
     if not (isinstance(config.tau, (int, float)) and config.tau > 0 and config.tau < float("inf")):
         raise ValueError(f"tau must be a finite number > 0, got {config.tau!r}")
+    softcap = config.softcap
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf")
+    ):
+        raise ValueError(f"softcap must be None (no capping) or a finite float > 0, got {softcap!r}")
     if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {config.ignore_index!r}")
     if options.reduction not in REDUCTIONS:

@@ -39,10 +39,18 @@ read of the logits and no extra launch. The caller guarantees that recorded slot
 disjoint from every slot read through teacher_index in the same call (ring.py reserves them). A top-k
 ring's values, ids and tail mass (record.topk, a TopkRecord) are written by loss.fused_loss before the
 kernel runs, not by the kernel.
+
+Final-logit softcapping (config.softcap = c, None for off; Gemma 2 / 3's final_logit_softcapping): the
+student logits are replaced on load by z' = c tanh(z / c) (softcapped below), before everything else,
+so that z' is what the cross-entropy, the (u, d) statistics, the KL and the ring record see; the gradient
+is chained through dz'/dz = 1 - tanh^2(z / c) = 1 - (z' / c)^2 (0 where tanh saturates). A non-finite z
+gives a NaN z' (c tanh(inf / c) = c would hide it), so validate still reports it. Teacher rows are not
+capped: they are taken as already in capped space, which is what a ring holds (it records z').
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -79,12 +87,17 @@ class DistillConfig:
     dynamic="tau":   alpha_r = alpha,              tau_r = 1 + (tau - 1) * d_r  (ablation)
     dynamic=False:   alpha_r = alpha,              tau_r = tau                  (the DLB loss)
     where (u_r, d_r) are the teacher row's uncertainty and discrimination at temperature 1.
+
+    softcap: final-logit softcapping, z' = softcap * tanh(z / softcap) applied to the student logits
+    before everything (module docstring); None (the default) leaves them as they are. A finite float > 0
+    (checks.check_options).
     """
 
     alpha: float = 1.0
     tau: float = 3.0
     dynamic: bool | str = True
     ignore_index: int = -100
+    softcap: float | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.dynamic, bool) or self.dynamic in DYNAMIC_MODES):
@@ -218,6 +231,15 @@ class FusedRows:
 def row_terms_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     """dtype of FusedRows.row_terms and so of the loss: float64 for float64 logits, float32 otherwise."""
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+def softcapped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """z' = softcap * tanh(z / softcap) of `logits` (any shape, in their dtype), NaN where z is not finite;
+    `logits` itself when softcap is None. The transform the kernels apply on load (module docstring)."""
+    if softcap is None:
+        return logits
+    capped = softcap * torch.tanh(logits / softcap)
+    return torch.where(torch.isinf(logits), math.nan, capped)
 
 
 def gradient_buffer(logits: torch.Tensor, compute_grad: bool, grad_out: torch.Tensor | None) -> torch.Tensor | None:

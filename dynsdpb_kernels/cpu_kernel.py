@@ -106,6 +106,7 @@ def cpu_fused_rows(
             config.dynamic_alpha,
             config.dynamic_tau,
             int(config.ignore_index),
+            float(config.softcap) if config.softcap is not None else 0.0,  # 0: no softcapping
             compute_grad,
             grad if grad is not None else logits,
             row_terms,

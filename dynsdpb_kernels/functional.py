@@ -41,6 +41,7 @@ def dynsdpb_loss(
     tau: float = 3.0,
     dynamic: bool | str = True,
     ignore_index: int = -100,
+    softcap: float | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
     backend: str = "auto",
@@ -65,6 +66,9 @@ def dynsdpb_loss(
             row has a teacher.
         alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r and tau_r (True),
             only alpha_r ("alpha"), only tau_r ("tau"), or neither (False, DLB).
+        softcap: None, or c > 0 for final-logit softcapping (Gemma 2): the logits enter the loss as
+            z' = c tanh(z / c) (the gradient chains through it). teacher_logits are taken as given, i.e.
+            as already capped (the logits z' of the previous step), and are not capped again.
         reduction: "mean", "sum" or "none" (per-row losses of logits' leading shape).
         return_stats: also return a LossStats of 0-d tensors (no host sync).
         backend: "auto", "triton", "cpu" or "reference" (see backends.py).
@@ -115,7 +119,7 @@ def dynsdpb_loss(
         raise ValueError("teacher_mask was given without teacher_logits")
 
     options = LossOptions(
-        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
+        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap),
         reduction=reduction,
         backend=backend,
         validate=validate,
@@ -147,12 +151,13 @@ def fused_linear_dynsdpb_loss(
     tau: float = 3.0,
     dynamic: bool | str = True,
     ignore_index: int = -100,
+    softcap: float | None = None,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
     backend: str = "auto",
     validate: bool = True,
 ) -> torch.Tensor:
-    """dynsdpb_loss(hidden @ weight.T + bias, labels, teacher_logits, teacher_mask) with reduction="mean",
+    """dynsdpb_loss(hidden @ weight.T + bias, labels, teacher_logits, teacher_mask, softcap=softcap) with reduction="mean",
     computed chunk by chunk so that the (N, V) logits never exist (module docstring).
 
     Args:
@@ -161,6 +166,8 @@ def fused_linear_dynsdpb_loss(
         teacher_logits: None or (N, V) / (B, T, V) teacher rows (any float dtype, detached);
             teacher_mask: None or bool of labels' shape. (DynSDPB training keeps its teachers in a ring:
             see FusedLinearDynSDPBLoss.)
+        softcap: None or c > 0: the head's raw logits are capped, c tanh(z / c), inside the kernel, chunk by
+            chunk (as dynsdpb_loss; teacher_logits are taken as already capped).
         chunk_size: rows per chunk (default: DEFAULT_CHUNK_BYTES of logits for the device); accum_dtype: dtype of the
             weight / bias gradient accumulation (default weight's; torch.float32 for bf16 training).
     Returns the 0-d float32 loss; gradients flow to hidden, weight and bias.
@@ -180,7 +187,7 @@ def fused_linear_dynsdpb_loss(
     elif teacher_mask is not None:
         raise ValueError("teacher_mask was given without teacher_logits")
     options = LossOptions(
-        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
+        distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap),
         backend=backend,
         validate=validate,
     )

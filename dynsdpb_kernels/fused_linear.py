@@ -12,10 +12,20 @@ For hidden states h (N, H), the head's weight W (V, H) and bias b (V,):
 The loss normalisers (1 / n_valid, 1 / n_distilled) are computed from all labels and teachers before the
 first chunk, so each chunk's gradient is final when it is written; backward only scales the three saved
 gradients by grad_output. Peak memory above the inputs: one chunk of logits plus dL/dh and dL/dW.
+A gradient nobody asks for (a frozen head's dL/dW, under LoRA) is neither allocated nor computed.
+
+Under autocast on hidden's device type (e.g. Trainer bf16=True with float32 weights), the chunk does what
+F.linear would: h, W, b are cast to the autocast dtype and the GEMMs run in it, so the logits and g_c are
+in that dtype; dL/dh is returned in hidden's dtype, dL/dW and dL/db in their own (accumulated across
+chunks in accum_dtype, by default the weight's own dtype).
+
+Softcapping (options.distill.softcap = c): the GEMM gives the raw z_c and the rows kernel caps it on load,
+c tanh(z_c / c), so g_c = dL/dz_c already holds the factor dz'/dz (contract.py); nothing here changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +46,38 @@ def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype, device:
     budget = DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cpu"])
     per_row = vocab_size * torch.finfo(dtype).bits // 8
     return max(1, min(n_rows, budget // per_row))
+
+
+@dataclass(frozen=True)
+class HeadGrads:
+    """Which gradients fused_linear_loss computes: of hidden, of weight, of bias (ignored without a bias)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @classmethod
+    def of(cls, compute_grad: bool | HeadGrads) -> HeadGrads:
+        """A bool means all three or none."""
+        return compute_grad if isinstance(compute_grad, HeadGrads) else cls(*(bool(compute_grad),) * 3)
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on `device_type`, or None where it is off (or does not exist)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`tensor` as autocast hands it to a matmul: floating tensors other than float64 cast to `dtype`."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
 
 
 @dataclass
@@ -59,16 +101,25 @@ def fused_linear_loss(
     teachers: Teachers,
     options: LossOptions,
     *,
-    compute_grad: bool,
+    compute_grad: bool | HeadGrads,
     record: RowRecord | None = None,
     grad_scale: torch.Tensor | None = None,
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
 ) -> LinearResult:
     """Loss and gradients of hidden (N, H) through the head weight (V, H) (+ bias (V,)) and the DynSDPB
-    loss, chunked over rows (module docstring). Arguments as in loss.fused_loss; `accum_dtype`
-    (e.g. torch.float32) accumulates dL/dW and dL/db across chunks in that dtype (default: weight's)."""
+    loss, chunked over rows (module docstring). Arguments as in loss.fused_loss; `compute_grad`: True / False
+    for all three gradients, or a HeadGrads naming which; `accum_dtype` (e.g. torch.float32) accumulates
+    dL/dW and dL/db across chunks in that dtype (default: the weight's own, before any autocast cast).
+    Under autocast on hidden's device type the GEMMs and logits are in the autocast dtype (module docstring);
+    grad_hidden is then in that dtype too (FusedLinearDynSDPBFunction returns it in hidden's)."""
     check_options(options)
+    grads = HeadGrads.of(compute_grad)
+    accum = accum_dtype or weight.dtype
+    device_type = hidden.device.type
+    compute_dtype = autocast_dtype(device_type)
+    if compute_dtype is not None:  # F.linear's casts; the loop then runs with autocast off (out= needs it)
+        hidden, weight, bias = (autocast_cast(t, compute_dtype) for t in (hidden, weight, bias))
     check_linear_head(hidden, weight, bias, labels)
     n_rows, vocab_size = hidden.shape[0], weight.shape[0]
     config = options.distill
@@ -82,41 +133,43 @@ def fused_linear_loss(
     device = hidden.device
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=row_terms_dtype(hidden.dtype), device=device)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32, device=device)
-    accum = accum_dtype or weight.dtype
-    grad_hidden = torch.empty_like(hidden) if compute_grad else None
-    grad_weight = torch.zeros(weight.shape, dtype=accum, device=device) if compute_grad else None
-    grad_bias = torch.zeros(vocab_size, dtype=accum, device=device) if compute_grad and bias is not None else None
+    grad_hidden = torch.empty_like(hidden) if grads.hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=accum, device=device) if grads.weight else None
+    grad_bias = torch.zeros(vocab_size, dtype=accum, device=device) if grads.bias and bias is not None else None
     loss = torch.zeros((), dtype=row_terms.dtype, device=device)
-    for start in range(0, n_rows, chunk):
-        part = slice(start, min(start + chunk, n_rows))
-        hidden_chunk = hidden[part]
-        logits = hidden_chunk @ weight.T if bias is None else torch.addmm(bias, hidden_chunk, weight.T)
-        chunk_loss, chunk_result = fused_loss(
-            logits,
-            labels[part],
-            teachers.logits,
-            teachers.index[part] if teachers.index is not None else None,
-            teachers.stats,
-            chunk_options,
-            compute_grad,
-            record=record.chunk(part) if record is not None else None,
-            grad_scale=grad_scale,
-            teacher_support=teachers.support,
-            teacher_tail=teachers.tail,
-        )
-        loss = loss + chunk_loss
-        row_terms[part] = chunk_result.row_terms
-        student_stats[part] = chunk_result.student_stats
-        if compute_grad:
-            grad = chunk_result.grad  # the logits buffer, now dL/dz of this chunk
-            torch.mm(grad, weight, out=grad_hidden[part])
-            if accum == weight.dtype:
-                grad_weight.addmm_(grad.T, hidden_chunk)  # no (V, H) temporary
-            else:
-                grad_weight += (grad.T @ hidden_chunk).to(accum)
+    no_autocast = torch.autocast(device_type, enabled=False) if compute_dtype is not None else contextlib.nullcontext()
+    with no_autocast:
+        for start in range(0, n_rows, chunk):
+            part = slice(start, min(start + chunk, n_rows))
+            hidden_chunk = hidden[part]
+            logits = hidden_chunk @ weight.T if bias is None else torch.addmm(bias, hidden_chunk, weight.T)
+            chunk_loss, chunk_result = fused_loss(
+                logits,
+                labels[part],
+                teachers.logits,
+                teachers.index[part] if teachers.index is not None else None,
+                teachers.stats,
+                chunk_options,
+                grads.any,
+                record=record.chunk(part) if record is not None else None,
+                grad_scale=grad_scale,
+                teacher_support=teachers.support,
+                teacher_tail=teachers.tail,
+            )
+            loss = loss + chunk_loss
+            row_terms[part] = chunk_result.row_terms
+            student_stats[part] = chunk_result.student_stats
+            grad = chunk_result.grad  # the logits buffer, now dL/dz of this chunk (None without grads)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[part])
+            if grad_weight is not None:
+                if accum == weight.dtype:
+                    grad_weight.addmm_(grad.T, hidden_chunk)  # no (V, H) temporary
+                else:
+                    grad_weight += grad.T @ hidden_chunk  # one (V, H) temporary in weight's dtype
             if grad_bias is not None:
                 grad_bias += grad.sum(0, dtype=accum)
-        del logits, chunk_result
+            del logits, chunk_result, grad
 
     if options.validate:
         check_values(
@@ -133,21 +186,22 @@ class FusedLinearDynSDPBFunction(torch.autograd.Function):
           options: LossOptions, record: RowRecord | None, grad_scale (2,) | None, chunk_size: int | None,
           accum_dtype: torch.dtype | None) -> (loss, row_terms (N, 5), student_stats (N, 2))
 
-    The gradients are computed in forward; backward scales them by grad_output (in place, so one
-    backward per forward) and returns them in the inputs' dtypes.
+    The gradients are computed in forward, only those of the inputs that require one (a frozen head's
+    weight gets none); backward scales them by grad_output (in place, so one backward per forward) and
+    returns them in the inputs' dtypes (also under autocast, as autograd through F.linear does).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, teachers, options, record, grad_scale, chunk_size, accum_dtype):
-        compute_grad = any(ctx.needs_input_grad[:3])
+        grads = HeadGrads(*ctx.needs_input_grad[:3])
         result = fused_linear_loss(
-            hidden, weight, bias, labels, teachers, options, compute_grad=compute_grad, record=record,
+            hidden, weight, bias, labels, teachers, options, compute_grad=grads, record=record,
             grad_scale=grad_scale, chunk_size=chunk_size, accum_dtype=accum_dtype,
         )
         ctx.mark_non_differentiable(result.row_terms, result.student_stats)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         ctx.backward_done = False
-        if compute_grad:
+        if grads.any:
             ctx.save_for_backward(result.grad_hidden, result.grad_weight, result.grad_bias)
         return result.loss, result.row_terms, result.student_stats
 

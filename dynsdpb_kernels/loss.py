@@ -13,6 +13,8 @@ logits the same row got one step earlier, detached):
     alpha_r = alpha: the two ablations of the dynamic rule.)
     kl_r        = KL(softmax(t_r / tau_r) || softmax(z_r / tau_r))
     distill_r   = alpha_r * tau_r^2 * kl_r
+    (softcap = c replaces z_r by c tanh(z_r / c) in all of this and chains dz'/dz = 1 - tanh^2(z_r / c)
+    into the gradient below; the teachers t_r are taken as already capped: contract.py.)
 
     mean: loss = sum_valid ce_r / n_valid + sum_distilled distill_r / n_distilled  (an empty term is 0)
     sum:  loss = sum_valid ce_r + sum_distilled distill_r
@@ -30,7 +32,9 @@ import torch
 
 from . import ops
 from .checks import check_contract, check_options, check_values
-from .contract import ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord
+from .contract import (
+    ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord, softcapped,
+)
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,13 @@ def as_rows(tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def write_topk_record(logits: torch.Tensor, record: RowRecord, config: DistillConfig) -> None:
     """Fill record.topk for the recorded rows of `logits` (N, V): their k largest logits, their ids and
     their mass outside them at the temperature tau_r that `config` gives the row (the kernel writes the
-    (u, d)). Reads the recorded rows once more, 128 at a time; call it before the logits are overwritten."""
+    (u, d)). Reads the recorded rows once more, 128 at a time; call it before the logits are overwritten.
+    With config.softcap the rows are capped first, as the kernel caps them (contract.py)."""
     topk = record.topk
     assert topk is not None
     recorded = (record.index >= 0).nonzero().squeeze(1)
     for part in recorded.split(128):
-        recorded_logits = logits.index_select(0, part).float()
+        recorded_logits = softcapped(logits.index_select(0, part).float(), config.softcap)
         values, ids = recorded_logits.topk(topk.values.shape[1], dim=-1)
         slots = record.index.index_select(0, part)
         topk.values[slots] = values.to(topk.values.dtype)

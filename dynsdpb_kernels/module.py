@@ -76,6 +76,7 @@ class RingLoss(nn.Module):
         tau: float = 3.0,
         dynamic: bool | str = True,
         ignore_index: int = -100,
+        softcap: float | None = None,
         capacity_rows: int | None = None,
         teacher_dtype: torch.dtype = torch.bfloat16,
         teacher_storage: str = "dense",
@@ -91,7 +92,7 @@ class RingLoss(nn.Module):
             raise ValueError(f"record_policy must be one of {RECORD_POLICIES}, got {record_policy!r}")
         self.vocab_size = vocab_size
         self.options = LossOptions(
-            distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index),
+            distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap),
             reduction="mean",
             backend=backend,
             validate=validate,
@@ -112,6 +113,7 @@ class RingLoss(nn.Module):
         config = self.options.distill
         return (
             f"vocab_size={self.vocab_size}, alpha={config.alpha}, tau={config.tau}, dynamic={config.dynamic!r}, "
+            f"softcap={config.softcap}, "
             f"capacity_rows={self.capacity_rows}, teacher_dtype={self.teacher_dtype}, record_policy={self.record_policy!r}"
         )
 
@@ -216,6 +218,10 @@ class DynSDPBLoss(RingLoss):
     Args:
         vocab_size: V; logits with another last dimension are an error.
         alpha, tau, dynamic, ignore_index: as in dynsdpb_loss.
+        softcap: None, or c > 0 for final-logit softcapping: the loss (CE, statistics, KL) sees
+            c tanh(z / c) and the ring records those capped rows, so the next step's teachers are capped
+            logits (dynsdpb_loss). Pass it only for raw logits: a model that caps its own output (Gemma 2's
+            logits) needs none.
         capacity_rows: teacher rows the ring keeps (FIFO); None sizes it to the rows of the first call.
         teacher_dtype: storage dtype of the ring (bfloat16 halves the float32 memory).
         teacher_storage: "dense" (whole rows) or "topk" (the `topk` largest logits of each row and their

@@ -5,7 +5,7 @@ One schema serves every backend:
     dynsdpb::fused_rows(logits, labels, teacher_rows?, teacher_index?, teacher_stats?, teacher_support?,
                         teacher_tail?, grad_scale, grad_out(a!)?, record_index?, record_rows(b!)?,
                         record_stats(c!)?, alpha, tau, dynamic_alpha, dynamic_tau, ignore_index,
-                        compute_grad, backend)
+                        softcap?, compute_grad, backend)
         -> (row_terms (N, 5), student_stats (N, 2), grad (N, V) or (0,))
 
     dynsdpb::fused_rows          custom_op around backends.row_kernel: the C++ kernel on CPU tensors, the
@@ -50,12 +50,13 @@ def _run_row_kernel(
     dynamic_alpha: bool,
     dynamic_tau: bool,
     ignore_index: int,
+    softcap: float | None,
     compute_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Both operators' body: unpack the flat schema into the Python contract and run `backend`'s kernel."""
     dynamic = DistillConfig.dynamic_mode(dynamic_alpha, dynamic_tau)
-    config = DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index)
+    config = DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap)
     record = RowRecord(record_index, record_rows, record_stats) if record_index is not None else None
     rows = row_kernel(backend, logits.device)(
         logits,
@@ -148,6 +149,7 @@ def fused_rows(
         config.dynamic_alpha,
         config.dynamic_tau,
         int(config.ignore_index),
+        float(config.softcap) if config.softcap is not None else None,
         compute_grad,
         name,
     )

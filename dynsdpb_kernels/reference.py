@@ -23,6 +23,7 @@ from .contract import (
     TAIL_FLOOR,
     RowRecord,
     row_terms_dtype,
+    softcapped,
 )
 
 
@@ -61,10 +62,12 @@ def reference_fused_rows(
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
     `record`, when given, receives copies of the recorded rows and their (u, d). `teacher_support`
     (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)), and
-    `teacher_tail` (R,) their probability mass outside the top k at tau_r (contract.py).
+    `teacher_tail` (R,) their probability mass outside the top k at tau_r (contract.py). With
+    config.softcap = c the student rows are z' = c tanh(z / c) throughout (the record too) and the gradient
+    is multiplied by dz'/dz = 1 - tanh^2(z / c) (contract.py).
     """
     compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    student = logits.to(compute_dtype)
+    student = softcapped(logits.to(compute_dtype), config.softcap)
     n_rows, vocab_size = student.shape
 
     valid = labels != config.ignore_index
@@ -137,10 +140,15 @@ def reference_fused_rows(
         recorded = (record.index >= 0).nonzero().squeeze(1)
         slots = record.index[recorded]
         if record.ring_logits is not None:
-            record.ring_logits[slots] = logits[recorded].to(record.ring_logits.dtype)
+            recorded_rows = logits if config.softcap is None else student  # the rows as the loss saw them
+            record.ring_logits[slots] = recorded_rows[recorded].to(record.ring_logits.dtype)
         record.stats[slots] = student_stats[recorded]
 
     if grad is not None:
+        if config.softcap is not None:
+            # dz'/dz = 1 - tanh^2(z / c) = 1 - (z' / c)^2, computed as sech^2(z / c) (no cancellation near
+            # saturation; cosh overflows to inf there, giving the exact 0)
+            grad *= torch.cosh(logits.to(compute_dtype) / config.softcap).square().reciprocal()
         if grad_out is None:
             grad = grad.to(logits.dtype)
         else:

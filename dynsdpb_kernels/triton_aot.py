@@ -14,7 +14,8 @@ per specialization).
 Specializations. The kernel's constexprs are fixed by what a call passes (triton_kernel.triton_fused_rows):
 teacher rows or none, their statistics, dynamic alpha/tau, the gradient, a ring record (rows in the
 ring's dtype, or the statistics only for a top-k ring), top-k teachers with or without a tail; the
-pointer types by the logits' and teachers' dtypes. Who launches what:
+pointer types by the logits' and teachers' dtypes; softcapping (SOFTCAP) in a few launches
+(softcap_specializations). Who launches what:
   dynsdpb_loss / fused_linear_dynsdpb_loss: no teacher, or dense teachers without statistics, no record
   DynSDPBLoss / FusedLinearDynSDPBLoss / the Trainer: a ring's teachers (ring dtype, statistics given),
       dense or top-k with a tail, recording (record="new"/"all") or not (record="none")
@@ -50,6 +51,9 @@ FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 RING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RECORDS = ("none", "rows", "stats")
+# The softcap of softcapped specializations (Gemma 2's final_logit_softcapping); a runtime argument, so any
+# value compiles to the same kernel.
+SOFTCAP_EXAMPLE = 30.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class Specialization:
     dynamic: bool | str = True  # DistillConfig.dynamic: True, False, "alpha" or "tau"
     compute_grad: bool = True
     vocab_size: int = LARGE_VOCAB
+    softcap: bool = False  # DistillConfig.softcap set (SOFTCAP_EXAMPLE) or None
 
     @property
     def name(self) -> str:
@@ -84,6 +89,8 @@ class Specialization:
             parts.append(f"record-{self.record}{ring}")
         parts.append(DYNAMIC_NAMES[self.dynamic])
         parts.append("grad" if self.compute_grad else "forward")
+        if self.softcap:
+            parts.append("softcap")
         if self.vocab_size != LARGE_VOCAB:
             parts.append(f"V{self.vocab_size}")
         return "-".join(parts)
@@ -181,12 +188,24 @@ def gpu_check_specializations() -> list[Specialization]:
     ]
 
 
+def softcap_specializations() -> list[Specialization]:
+    """Final-logit softcapping (Gemma 2 / 3) in the launches that carry it: the ring's training step (dense
+    with statistics recording rows, top-k with a tail recording statistics), the first step and the fused
+    head's chunks (no teacher, float32 logits), and dense teachers without statistics (dynsdpb_loss)."""
+    return [
+        Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", softcap=True),
+        Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", softcap=True),
+        Specialization(torch.float32, "none", record="rows", ring_dtype=torch.bfloat16, softcap=True),
+        Specialization(torch.bfloat16, "dense", torch.bfloat16, softcap=True),
+    ]
+
+
 def compile_check_set(arch: int) -> list[Specialization]:
     """What tests/test_gpu_compile.py compiles for `arch`: for sm_90 (H100/H200) every flag combination at
-    bfloat16, plus (both targets) the pairwise cover of flags and dtypes, the unaligned vocabulary and
-    what bench/gpu_check.py launches."""
+    bfloat16, plus (both targets) the pairwise cover of flags and dtypes, the unaligned vocabulary, the
+    softcapped launches and what bench/gpu_check.py launches."""
     specs = flag_product() if arch == 90 else []
-    specs += pairwise_cover() + odd_vocab_specializations() + gpu_check_specializations()
+    specs += pairwise_cover() + odd_vocab_specializations() + softcap_specializations() + gpu_check_specializations()
     return list({spec.name: spec for spec in specs}.values())
 
 
@@ -216,7 +235,8 @@ def example_launch(spec: Specialization, block_v: int | None = None, inplace_gra
         record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, 2, dtype=torch.float32))
     launches = []
     triton_fused_rows(
-        logits, labels, teacher_rows, teacher_index, teacher_stats, DistillConfig(dynamic=spec.dynamic),
+        logits, labels, teacher_rows, teacher_index, teacher_stats,
+        DistillConfig(dynamic=spec.dynamic, softcap=SOFTCAP_EXAMPLE if spec.softcap else None),
         torch.ones(2, dtype=torch.float32), spec.compute_grad, grad_out=logits if inplace_grad else None,
         record=record, teacher_support=support, teacher_tail=tail, block_v=block_v, launcher=launches.append,
     )

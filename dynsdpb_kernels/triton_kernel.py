@@ -40,6 +40,10 @@ pass 2 one each for softmax(z), Q and P; no division in a loop (the per-row reci
 tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
 <= 64 / 6, teachers without stats <= 80 / 7.5).
 
+With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
+pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
+chained with dz'/dz. Without it the kernel is the same code (a constexpr branch; the budget above).
+
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
 """
@@ -110,13 +114,40 @@ def _lane_floor(ptr):
 
 
 @triton.jit
-def _student_logits(row_ptr, cols, mask):
-    """The student logits of one block, as stored and in float32 (masked lanes hold _lane_floor).
+def _softcap(z, cap, inv_cap, two_log2e_over_cap):
+    """(z', dz'/dz) for z' = cap tanh(z / cap), elementwise, from e = exp(-2 |z| / cap) = exp2(-|z| 2 log2(e) / cap)
+    in (0, 1] (the scale folded on the host): tanh(|x|) = 1 - 2 e / (1 + e) and dz'/dz = 4 e / (1 + e)^2,
+    which saturate to 1 and 0 (e underflows to 0; nothing overflows, no NaN for any finite z). Below
+    |x| = 1/8, where 1 - 2 e / (1 + e) loses x's relative precision, tanh is its odd Taylor polynomial to
+    x^7 (relative error < 2e-9). A non-finite z gives a NaN z' (kept visible to the finiteness check)."""
+    e = tl.exp2(-tl.abs(z) * two_log2e_over_cap)
+    inv_one_plus_e = 1.0 / (1.0 + e)
+    x = z * inv_cap
+    x2 = x * x
+    tanh_small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * -0.05396825396825397)))
+    tanh_large = 1.0 - 2.0 * e * inv_one_plus_e
+    tanh = tl.where(tl.abs(x) < 0.125, tanh_small, tl.where(z < 0.0, -tanh_large, tanh_large))
+    capped = tl.where(tl.abs(z) < float("inf"), cap * tanh, float("nan"))
+    return capped, 4.0 * e * inv_one_plus_e * inv_one_plus_e
 
-    The one place the kernel reads and transforms student logits: every pass goes through here.
+
+@triton.jit
+def _student_logits(row_ptr, cols, mask, SOFTCAP: tl.constexpr, cap, inv_cap, two_log2e_over_cap):
+    """The student logits of one block: (as stored, float32, dz'/dz); masked lanes hold _lane_floor.
+
+    The one place the kernel reads and transforms student logits: every pass goes through here. With
+    SOFTCAP the float32 logits are z' = cap tanh(z / cap) (_softcap) and the slope dz'/dz (1 on masked
+    lanes); without it the slope is 1 and unused.
     """
-    raw = tl.load(row_ptr + cols, mask=mask, other=_lane_floor(row_ptr))
-    return raw, raw.to(tl.float32)
+    floor = _lane_floor(row_ptr)
+    raw = tl.load(row_ptr + cols, mask=mask, other=floor)
+    z = raw.to(tl.float32)
+    slope = tl.full(z.shape, 1.0, tl.float32)
+    if SOFTCAP:
+        capped, derivative = _softcap(z, cap, inv_cap, two_log2e_over_cap)
+        z = tl.where(mask, capped, floor)
+        slope = tl.where(mask, derivative, 1.0)
+    return raw, z, slope
 
 
 @triton.jit
@@ -238,6 +269,7 @@ def _dynsdpb_row_kernel(
     alpha,
     tau,
     inv_log_v,
+    softcap,
     HAS_TEACHER: tl.constexpr,
     HAS_TEACHER_STATS: tl.constexpr,
     DYNAMIC_ALPHA: tl.constexpr,
@@ -247,6 +279,7 @@ def _dynsdpb_row_kernel(
     RECORD_ROWS: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
@@ -258,6 +291,8 @@ def _dynsdpb_row_kernel(
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     label_in_range = (label >= 0) & (label < V)
+    inv_cap = 1.0 / softcap  # softcapping's constants (unused without SOFTCAP)
+    two_log2e_over_cap = 2.8853900817779268 * inv_cap  # 2 log2(e) / softcap
 
     teacher_id = -1
     if HAS_TEACHER:
@@ -308,10 +343,10 @@ def _dynsdpb_row_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + lane
         mask = cols < V
-        z_raw, z = _student_logits(logits_row, cols, mask)
+        z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         if RECORD_ROWS:
             if record_slot >= 0:  # the fused ring write: this block is in registers anyway
-                if ring_ptr.dtype.element_ty == logits_ptr.dtype.element_ty:
+                if ring_ptr.dtype.element_ty == logits_ptr.dtype.element_ty and not SOFTCAP:
                     tl.store(ring_row + cols, z_raw, mask=mask)
                 else:
                     tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
@@ -349,7 +384,9 @@ def _dynsdpb_row_kernel(
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
-    z_label_raw, z_label = _student_logits(logits_row, label, valid & label_in_range)
+    z_label_raw, z_label, label_slope = _student_logits(
+        logits_row, label, valid & label_in_range, SOFTCAP, softcap, inv_cap, two_log2e_over_cap
+    )
     ce = tl.where(valid, (zm1 - z_label) + _log1p(zs_rest), 0.0)
     ce = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), ce)
 
@@ -374,7 +411,7 @@ def _dynsdpb_row_kernel(
         k_mask = k_lane < tl.where(distilled, K, 0)  # nothing to load for rows without a teacher
         t_k = tl.load(teacher_row + k_lane, mask=k_mask, other=float("-inf")).to(tl.float32)
         support = tl.load(support_ptr + tl.maximum(teacher_id, 0) * support_row_stride + k_lane, mask=k_mask, other=0)
-        z_k_raw, z_k = _student_logits(logits_row, support, k_mask)
+        z_k_raw, z_k, slope_k = _student_logits(logits_row, support, k_mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
         # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
@@ -406,7 +443,7 @@ def _dynsdpb_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
-            z_raw, z = _student_logits(logits_row, cols, mask)
+            z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
             z_shifted = z - zm1
             grad = zeros
             if COMPUTE_GRAD:  # the label's entry is rewritten below
@@ -423,6 +460,8 @@ def _dynsdpb_row_kernel(
                     if COMPUTE_GRAD:
                         grad += kl_coef * (q - p)
             if COMPUTE_GRAD:
+                if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
+                    grad *= z_slope
                 tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
     kl += LN2 * tl.sum(kl_lanes, axis=0)
 
@@ -439,6 +478,8 @@ def _dynsdpb_row_kernel(
                 else:
                     t_label = tl.load(teacher_row + label).to(tl.float32)
                     label_entry += kl_coef * (q_label - tl.exp2((t_label - tm1) * tau_scale - log2_ts_tau))
+            if SOFTCAP:
+                label_entry *= label_slope
             tl.store(grad_row + label, _round_to(label_entry, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING))
 
     if TEACHER_TOPK and COMPUTE_GRAD:
@@ -449,6 +490,8 @@ def _dynsdpb_row_kernel(
             probs_k = tl.exp(z_k - zm1) / zs_total
             grad_k = ce_coef * tl.where(support == label, label_grad, probs_k)
             grad_k += kl_coef * (tl.exp(log_q_k) - tl.exp(log_p_k))
+            if SOFTCAP:
+                grad_k *= slope_k
             tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=k_mask)
 
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
@@ -565,6 +608,7 @@ def triton_fused_rows(
         alpha=float(config.alpha),
         tau=float(config.tau),
         inv_log_v=1.0 / math.log(vocab_size) if vocab_size > 1 else 0.0,
+        softcap=float(config.softcap) if config.softcap is not None else 1.0,  # read only with SOFTCAP
     )
     constexprs = dict(
         HAS_TEACHER=has_teacher,
@@ -576,6 +620,7 @@ def triton_fused_rows(
         RECORD_ROWS=record is not None and record.ring_logits is not None,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
+        SOFTCAP=config.softcap is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=blocks.block_v,
         SOFTWARE_ROUNDING=triton_interpreted(),

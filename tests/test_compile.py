@@ -85,7 +85,7 @@ def test_compiled_step_is_one_graph_and_matches_eager_and_truth(backend, head):
     torch.testing.assert_close(grad.double(), truth["grad"].T @ hidden.double(), rtol=1e-4, atol=1e-6)
 
 
-def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=False, dynamic=(True, True)):
+def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=False, dynamic=(True, True), softcap=None):
     """Arguments of dynsdpb::fused_rows in schema order; dynamic: (dynamic_alpha, dynamic_tau)."""
     logits = (torch.randn(N_ROWS, VOCAB) * 3).to(dtype)
     labels = torch.randint(0, VOCAB, (N_ROWS,))
@@ -104,7 +104,7 @@ def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=Fals
     grad_buffer = torch.empty_like(logits) if grad_out else None
     return (
         logits, labels, teacher_rows, teacher_index, None, None, None, grad_scale, grad_buffer,
-        record_index, record_rows, record_stats, 1.5, 2.0, *dynamic, -100, compute_grad, backend,
+        record_index, record_rows, record_stats, 1.5, 2.0, *dynamic, -100, softcap, compute_grad, backend,
     )  # fmt: skip
 
 
@@ -116,11 +116,12 @@ def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=Fals
         dict(teacher=True, record=False, compute_grad=True),
         dict(teacher=True, record=True, compute_grad=True),
         dict(teacher=True, record=True, compute_grad=True, grad_out=True),
+        dict(teacher=True, record=True, compute_grad=True, softcap=2.0),
         dict(teacher=True, record=False, compute_grad=True, dynamic=(True, False)),
         dict(teacher=True, record=False, compute_grad=True, dynamic=(False, True)),
         dict(teacher=True, record=False, compute_grad=True, dynamic=(False, False)),
     ],
-    ids=["ce-forward", "teacher-grad", "record", "grad-out", "alpha-only", "tau-only", "fixed"],
+    ids=["ce-forward", "teacher-grad", "record", "grad-out", "softcap", "alpha-only", "tau-only", "fixed"],
 )
 def test_opcheck(backend, case):
     for dtype in (torch.float32, torch.bfloat16):

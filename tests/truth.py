@@ -36,14 +36,18 @@ def eager_dynsdpb(
     grad_output: torch.Tensor | float = 1.0,
     dtype: torch.dtype | None = None,
     stats_from: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> dict:
     """Loss, d(loss * grad_output)/d logits and stats, computed eagerly in `dtype` (the inputs' by default).
 
     stats_from: logits to take the teachers' (u, d) from instead of teacher_logits (a ring computes them
-    on the row before rounding it to its storage dtype)."""
+    on the row before rounding it to its storage dtype). softcap: the student logits enter the loss as
+    softcap * tanh(z / softcap) (Gemma 2's final-logit softcapping), differentiated by autograd; teacher
+    logits are used as given (already capped)."""
     vocab_size = logits.shape[-1]
     dtype = dtype or logits.dtype
-    z = logits.detach().reshape(-1, vocab_size).to(dtype).requires_grad_(True)
+    z_raw = logits.detach().reshape(-1, vocab_size).to(dtype).requires_grad_(True)
+    z = z_raw if softcap is None else softcap * torch.tanh(z_raw / softcap)
     y = labels.reshape(-1)
     valid = y != ignore_index
     ce = F.cross_entropy(z, y, ignore_index=ignore_index, reduction="none")
@@ -75,10 +79,11 @@ def eager_dynsdpb(
         loss = ce.sum() + distill.sum()
     else:
         loss = (ce + distill).reshape(labels.shape)
-    (grad,) = torch.autograd.grad((loss * grad_output).sum(), z)
+    (grad,) = torch.autograd.grad((loss * grad_output).sum(), z_raw)
     per_distilled = n_distilled.clamp_min(1)
     mask = distilled.to(dtype)
     out.update(
+        capped_logits=z.detach().reshape(logits.shape),
         loss=loss.detach(),
         grad=grad.reshape(logits.shape),
         n_distilled=n_distilled,

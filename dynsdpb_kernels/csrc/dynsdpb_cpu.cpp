@@ -23,6 +23,13 @@
 //   dense teacher, stats from the row          4            7      plus t at temperature 1 for (u, d)
 //   top-k teacher (stats always stored)        2            4      z, z/tau
 // The ring passes stored statistics, so training runs the 3 / 6 row.
+//
+// Final-logit softcapping (softcap = c > 0; 0 is off and takes none of the code below): each student block
+// is replaced on load by z' = c tanh(z / c) (Sleef's tanh through at::vec, NaN for a non-finite z), so
+// every pass, the label's logit, the top-k support's logits and the ring record see z'; pass C multiplies
+// the block's gradient by dz'/dz = sech^2(z / c) = 4 e / (1 + e)^2, e = exp(-2 |z| / c) in (0, 1] (equal to
+// 1 - (z' / c)^2 without its cancellation near saturation; exactly 0 once e underflows). One tanh per
+// element per pass, plus one exponential in pass C.
 
 #include <torch/extension.h>
 
@@ -85,6 +92,24 @@ inline Vec vec_exp(const Vec& x) {
 }
 
 inline float finite_or_zero(float x) { return std::isfinite(x) ? x : 0.0f; }
+
+// z' = cap tanh(z / cap) of n values into `capped` (which may be z itself), NaN where z is not finite (tanh
+// would map +-inf to a finite +-cap and hide it from the finiteness check); with `derivative`, also
+// dz'/dz = 4 e / (1 + e)^2 with e = exp(-2 |z| / cap) (exp_u20's argument is <= 0, as everywhere here).
+void softcap_block(const float* z, int64_t n, float cap, float* capped, float* derivative) {
+  const Vec c(cap), inv_c(1.0f / cap), inf(std::numeric_limits<float>::infinity());
+  const Vec nan(std::numeric_limits<float>::quiet_NaN());
+  for_each_vector(n, [&](int64_t j, int64_t count) {
+    const Vec v = load(z + j, count, 0.0f);
+    const Vec x = v * inv_c;
+    Vec::blendv(c * x.tanh(), nan, v.abs() == inf).store(capped + j, count);
+    if (derivative != nullptr) {
+      const Vec e = vec_exp(x.abs() * Vec(-2.0f));
+      const Vec one_plus_e = Vec(1.0f) + e;
+      (Vec(4.0f) * e / (one_plus_e * one_plus_e)).store(derivative + j, count);
+    }
+  });
+}
 
 float block_max(const float* x, int64_t n) {
   Vec max(kNegInf);
@@ -162,10 +187,20 @@ void store_block(const float* in, int64_t n, at::Tensor& rows, int64_t row, int6
   }
 }
 
-// One element of row `row`, as float32 (the label's logit, a top-k support id's logit).
-float load_element(const at::Tensor& rows, int64_t row, int64_t column) {
+// A block of student logits: load_block's, softcapped into `buffer` when cap > 0 (with dz'/dz into
+// `derivative` when that is given); with cap == 0 exactly load_block.
+const float* load_student_block(const at::Tensor& logits, int64_t row, int64_t start, int64_t n, float* buffer, float cap,
+                                float* derivative = nullptr) {
+  const float* z = load_block(logits, row, start, n, buffer);
+  if (cap <= 0.0f) return z;
+  softcap_block(z, n, cap, buffer, derivative);
+  return buffer;
+}
+
+// One student logit (the label's, a top-k support id's), softcapped when cap > 0.
+float load_student_element(const at::Tensor& logits, int64_t row, int64_t column, float cap, float* derivative = nullptr) {
   float value;
-  return *load_block(rows, row, column, 1, &value);
+  return *load_student_block(logits, row, column, 1, &value, cap, derivative);
 }
 
 // One element written, rounded to nearest even.
@@ -284,9 +319,13 @@ void gradient_block(const float* z, const float* t, int64_t n, const GradientWei
 
 // Per-thread block buffers (float32 copies of reduced-precision blocks, and the gradient block).
 struct Scratch {
-  Scratch(int64_t block, int64_t top_k) : z(block), t(block), out(block), support_z(top_k), support_t(top_k) {}
+  Scratch(int64_t block, int64_t top_k, bool softcap)
+      : z(block), t(block), out(block), derivative(softcap ? block : 0), support_z(top_k), support_t(top_k),
+        support_derivative(softcap ? top_k : 0) {}
   std::vector<float> z, t, out;
+  std::vector<float> derivative;  // dz'/dz of the block (softcapping only)
   std::vector<float> support_z, support_t;  // a top-k teacher's k logits and the student's at those ids
+  std::vector<float> support_derivative;  // dz'/dz at those ids (softcapping only)
 };
 
 }  // namespace
@@ -299,12 +338,14 @@ struct Scratch {
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic_alpha, bool dynamic_tau,
-                int64_t ignore_index,
+                int64_t ignore_index, double softcap,
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
                 const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support,
                 const c10::optional<at::Tensor>& teacher_tail, int64_t block) {
   TORCH_CHECK(block > 0, "dynsdpb_cpu: block must be positive, got ", block);
+  TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "dynsdpb_cpu: softcap must be 0 (off) or finite > 0, got ", softcap);
+  const float cap = static_cast<float>(softcap);
   const int64_t n_rows = logits.size(0);
   const int64_t vocab = logits.size(1);
   const bool has_teacher = teacher_rows.has_value() && teacher_index.has_value();
@@ -328,7 +369,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    Scratch scratch(block, top_k);
+    Scratch scratch(block, top_k, cap > 0.0f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < n_rows; ++row) {
       const int64_t label = label_ptr[row];
@@ -362,7 +403,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       float offset = 0.0f;
       for (int64_t start = 0; start < vocab; start += block) {
         const int64_t n = std::min(block, vocab - start);
-        const float* z = load_block(logits, row, start, n, scratch.z.data());
+        const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap);
         if (record_rows && slot >= 0) store_block(z, n, *ring_rows, slot, start);
         const float z_block_max = block_max(z, n);
         zs.add_block(z, n, z_block_max);
@@ -398,7 +439,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         offset = finite_or_zero(ts.max - zs.max);
         for (int64_t start = 0; start < vocab; start += block) {
           const int64_t n = std::min(block, vocab - start);
-          const float* z = load_block(logits, row, start, n, scratch.z.data());
+          const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap);
           const float* t = load_block(*teacher_rows, teacher, start, n, scratch.t.data());
           zq.add_block(z, n, zs.max, inv_tau);
           tp.add_teacher_block(t, z, n, ts.max, inv_tau, offset);
@@ -410,7 +451,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       float label_grad = 0.0f;  // d ce / d z_y = p_y - 1, exact for the argmax: -rest / (1 + rest)
       if (valid) {
         if (label_in_range) {
-          label_logit = load_element(logits, row, label);
+          label_logit = load_student_element(logits, row, label, cap);
           ce = (zs.max - label_logit) + std::log1p(zs.rest);
           label_grad = label_logit == zs.max ? -zs.rest / (1.0f + zs.rest)
                                              : std::exp(label_logit - zs.max) / (1.0f + zs.rest) - 1.0f;
@@ -436,7 +477,10 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         float* support_z = scratch.support_z.data();
         const float* teacher_k = load_block(*teacher_rows, teacher, 0, top_k, support_t);
         if (teacher_k != support_t) std::memcpy(support_t, teacher_k, top_k * sizeof(float));
-        for (int64_t j = 0; j < top_k; ++j) support_z[j] = load_element(logits, row, support[j]);
+        float* support_derivative = cap > 0.0f ? scratch.support_derivative.data() : nullptr;
+        for (int64_t j = 0; j < top_k; ++j) {
+          support_z[j] = load_student_element(logits, row, support[j], cap, support_derivative ? support_derivative + j : nullptr);
+        }
         tp.max = top_k ? block_max(support_t, top_k) : kNegInf;
         for (int64_t j = 0; j < top_k; ++j) tp.sum += std::exp((support_t[j] - tp.max) * inv_tau);
         tail = tail_ptr != nullptr ? tail_ptr[teacher] : 0.0f;
@@ -468,13 +512,19 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         };
         for (int64_t start = 0; start < vocab; start += block) {
           const int64_t n = std::min(block, vocab - start);
-          const float* z = load_block(logits, row, start, n, scratch.z.data());
+          float* derivative = cap > 0.0f ? scratch.derivative.data() : nullptr;
+          const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap, derivative);
           const float* t = dense_teacher ? load_block(*teacher_rows, teacher, start, n, scratch.t.data()) : nullptr;
           float* out = scratch.out.data();
           if (dense_teacher) gradient_block<kDenseTeacher>(z, t, n, weights, out);
           else if (distilled) gradient_block<kStudentTempered>(z, t, n, weights, out);
           else gradient_block<kCrossEntropy>(z, t, n, weights, out);
           if (valid && label_in_range && label >= start && label < start + n) out[label - start] = label_entry(t, start);
+          if (derivative != nullptr) {  // chain rule through the softcap: dL/dz = dL/dz' * dz'/dz
+            for_each_vector(n, [&](int64_t j, int64_t count) {
+              (load(out + j, count, 0.0f) * load(derivative + j, count, 0.0f)).store(out + j, count);
+            });
+          }
           store_block(out, n, grad, row, start);
         }
         if (top_k_teacher) {  // the support rewritten whole: ce part + kl_coef (Q_j - P_j)
@@ -486,7 +536,8 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
             const float ce_part = id == label ? ce_coef * label_grad : ce_coef * std::exp(z_id - zs.max) * inv_z_total;
             const float q = std::exp((z_id - zs.max) * inv_tau) * inv_q_total;
             const float p = std::exp((scratch.support_t[j] - tp.max) * inv_tau) * inv_p_total;
-            store_element(ce_part + kl_coef * (q - p), grad, row, id);
+            const float chain = cap > 0.0f ? scratch.support_derivative[j] : 1.0f;
+            store_element((ce_part + kl_coef * (q - p)) * chain, grad, row, id);
           }
         }
       }

@@ -25,9 +25,9 @@ from ..sampler import OverlapBatchSampler, SampleIdCollator, SampleIdDataset
 RING_FILE = "dynsdpb_ring.pt"
 
 # Config fields with which a model's head transforms hidden @ W.T before its loss, and their neutral value.
-# The fused path computes the loss from hidden @ W.T (+ bias) alone, so it refuses them.
+# The fused path computes the loss from hidden @ W.T (+ bias) and, when the config names one, its softcap
+# (SOFTCAP_FIELD) alone, so it refuses these.
 LOGIT_TRANSFORM_FIELDS = {
-    "final_logit_softcapping": None,  # Gemma 2: logits = cap * tanh(logits / cap)
     "logit_scale": 1.0,  # Cohere: logits * scale
     "logits_scaling": 1.0,  # Granite: logits / scaling
     "lm_head_multiplier": 1.0,  # Falcon-H1
@@ -49,6 +49,17 @@ def check_plain_head(model) -> None:
             )
 
 
+# Gemma 2 / Gemma 3: logits = cap * tanh(logits / cap) after the head; the fused loss applies it (softcap=).
+SOFTCAP_FIELD = "final_logit_softcapping"
+
+
+def model_softcap(model) -> float | None:
+    """The final-logit softcap the model's (text) config names (config.final_logit_softcapping), or None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, SOFTCAP_FIELD, None)
+    return float(value) if value is not None else None
+
+
 def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_options) -> FusedLinearDynSDPBLoss:
     """Make a causal LM of the LLaMA family (`model.model` the decoder, `model.lm_head` the head) compute
     DynSDPB through the fused linear path in training: when called in train mode with `labels` and
@@ -68,16 +79,27 @@ def apply_dynsdpb(model, loss: FusedLinearDynSDPBLoss | None = None, **loss_opti
     Returns the loss module (also reachable as model.dynsdpb_loss; not a submodule, so model checkpoints
     stay plain: save its ring with loss.ring.state_dict()). `del model.forward` undoes the patch.
 
-    Raises ValueError, before changing anything, for a model whose head transforms the logits (e.g.
-    Gemma 2's config.final_logit_softcapping; see LOGIT_TRANSFORM_FIELDS).
+    A final-logit softcap in the config (Gemma 2 / 3's config.final_logit_softcapping, model_softcap) becomes
+    the loss's softcap: the kernel caps hidden @ W.T as the model's head would, so the loss is the model's.
+
+    Raises ValueError, before changing anything, for a model whose head transforms the logits otherwise
+    (e.g. Cohere's config.logit_scale; see LOGIT_TRANSFORM_FIELDS), and for a softcap (in loss_options or
+    on `loss`) other than the config's.
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     check_plain_head(model)
+    softcap = model_softcap(model)
+    given = loss.options.distill.softcap if loss is not None else loss_options.get("softcap", softcap)
+    if given != softcap:
+        raise ValueError(
+            f"apply_dynsdpb: softcap={given!r} but {type(model).__name__} has config.{SOFTCAP_FIELD}={softcap!r}; "
+            f"the fused loss must cap the logits as the model's head does"
+        )
     if loss is None:
         weight = model.get_output_embeddings().weight
         vocab_size = getattr(weight, "ds_shape", weight.shape)[0]  # (ZeRO-3 keeps the full shape in ds_shape)
-        loss = FusedLinearDynSDPBLoss(vocab_size, **loss_options)
+        loss = FusedLinearDynSDPBLoss(vocab_size, **{**loss_options, "softcap": softcap})
     original_forward = model.forward
 
     # a plain function wrapping the bound forward keeps its signature visible (the Trainer reads it to
@@ -139,7 +161,8 @@ class DynSDPBTrainerMixin:
         - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
           Trainer) SampleIdDataset + OverlapBatchSampler (seeded with data_seed or seed; one disjoint
           stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
-          the train dataset;
+          the train dataset; accelerate puts the batches on the device but does not shard or dispatch
+          them again (see _prepare_own_stream), so each process trains every step on its own stream;
         - compute_loss: logits from the model, DynSDPBLoss with num_items_in_batch in training, plain
           cross-entropy in evaluation;
         - logs: ce (mean over the valid rows since the last log), kl, alpha_mean, tau_mean (means over
@@ -168,7 +191,10 @@ class DynSDPBTrainerMixin:
             vocab_size = self.model.get_output_embeddings().weight.shape[0]
             options = dict(alpha=alpha, tau=tau, dynamic=dynamic, capacity_rows=capacity_rows, teacher_dtype=teacher_dtype,
                            teacher_storage=teacher_storage, topk=topk)
-            dynsdpb_loss = FusedLinearDynSDPBLoss(vocab_size, **options) if fused_linear else DynSDPBLoss(vocab_size, **options)
+            if fused_linear:  # the fused head caps the raw logits as the model would (the logits path gets capped ones)
+                dynsdpb_loss = FusedLinearDynSDPBLoss(vocab_size, softcap=model_softcap(self.model), **options)
+            else:
+                dynsdpb_loss = DynSDPBLoss(vocab_size, **options)
         if fused_linear:
             if not isinstance(dynsdpb_loss, FusedLinearDynSDPBLoss):
                 raise TypeError("fused_linear=True needs a FusedLinearDynSDPBLoss as dynsdpb_loss")
@@ -200,12 +226,38 @@ class DynSDPBTrainerMixin:
             num_workers=args.dataloader_num_workers,
             pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         )
-        prepared = self.accelerator.prepare(loader)
-        # The sampler already gives each process its own stream: keep accelerate from sharding it again.
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is sampler:
-            shard.num_processes = 1
-            shard.process_index = 0
+        return self._prepare_own_stream(loader)
+
+    def _prepare_own_stream(self, loader: DataLoader) -> DataLoader:
+        """The train loader prepared by accelerate as for one process: its batches are put on the device
+        (DataLoaderShard), but neither sharded nor dispatched again -- the OverlapBatchSampler already
+        gives this process its own stream. (accelerate's own sharding, BatchSamplerShard, deals out whole
+        batches round-robin and yields only batches of the sampler's batch_size: it would break the overlap
+        of consecutive batches, and end the epoch after the first batch, since DLB batches after the first
+        hold 2 * batch_size samples. DataLoaderDispatcher would split each batch over the processes.)"""
+        from accelerate.data_loader import prepare_data_loader
+
+        accelerator = self.accelerator
+        prepared = prepare_data_loader(
+            loader,
+            accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=accelerator.device_placement,
+            rng_types=accelerator.rng_types.copy(),
+            dispatch_batches=False,
+            non_blocking=accelerator.non_blocking,
+            use_stateful_dataloader=accelerator.use_stateful_dataloader,
+        )
+        # registered with the accelerator (for its save_state / free_memory) as Accelerator.prepare marks what it
+        # prepared, so that prepare_data_loader only registers it and does not wrap it again
+        prepared._is_accelerate_prepared = True
+        prepared = accelerator.prepare_data_loader(prepared)
+        if prepared.batch_sampler is not loader.batch_sampler:
+            raise RuntimeError(
+                f"{type(self).__name__}: accelerate replaced the OverlapBatchSampler of the train dataloader by "
+                f"{type(prepared.batch_sampler).__name__}; the DLB batch order would be lost"
+            )
         return prepared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
