@@ -64,7 +64,7 @@ import sass_roofline  # noqa: E402
 
 ARCHS = (90, 80)
 DATE = datetime.date.today().isoformat()
-CANDIDATES = [(1024, 8), (1024, 16), (2048, 8), (2048, 16), (2048, 32), (4096, 16)]
+CANDIDATES = [(1024, 16), (2048, 8), (2048, 16), (4096, 16)]
 # The variants with the most live state: teachers without statistics (pre-pass, or the full teacher state in
 # pass 1 when static), a ring's dense and top-k teachers while recording, plain cross-entropy; float32 logits
 # hold the most registers per element, bfloat16 is the training dtype; and the heaviest at a vocabulary
