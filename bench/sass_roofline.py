@@ -125,7 +125,9 @@ def parse_sass(text: str, source_file: str | None = None) -> Listing:
     line_no = None
     for raw in text.splitlines():
         if match := SASS_SOURCE.match(raw):
-            keep = source_file is None or Path(match["file"]).resolve() == Path(source_file).resolve()
+            # the same file by its last two path parts: Triton's cache may hand back a cubin compiled from an
+            # identical kernel in another checkout, whose line info names that checkout's path
+            keep = source_file is None or Path(match["file"]).parts[-2:] == Path(source_file).resolve().parts[-2:]
             line_no = int(match["line"]) if keep else None
             continue
         if match := SASS_LABEL.match(raw):
