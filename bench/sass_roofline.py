@@ -13,7 +13,9 @@ reaching u without passing h. Each loop is named by the Python `for` statement w
 instructions carry (the kernel's `for ... in range(...)` lines, in source order; an unnamed loop is an
 error). Per loop, every instruction of its blocks counts once (NOPs excluded): the path of a distilled,
 recorded row, on which every conditional part of the body runs. One iteration covers BLOCK vocabulary
-entries, BLOCK / (32 num_warps) per thread, so per logit element:
+entries, BLOCK / (32 num_warps) per thread; a loop that LLVM unrolled (runtime unrolling of a small body)
+runs u iterations per trip, u read from its induction step (loop_unroll), and its counts are divided by
+u (the unrolled remainder is straight-line code, not counted). So per logit element:
 
     instructions = body instructions / elements per thread   (an SM issues 4 warp-instructions per clock:
                                                                128 lane-instructions)
@@ -123,7 +125,9 @@ def parse_sass(text: str, source_file: str | None = None) -> Listing:
     line_no = None
     for raw in text.splitlines():
         if match := SASS_SOURCE.match(raw):
-            keep = source_file is None or Path(match["file"]).resolve() == Path(source_file).resolve()
+            # the same file by its last two path parts: Triton's cache may hand back a cubin compiled from an
+            # identical kernel in another checkout, whose line info names that checkout's path
+            keep = source_file is None or Path(match["file"]).parts[-2:] == Path(source_file).resolve().parts[-2:]
             line_no = int(match["line"]) if keep else None
             continue
         if match := SASS_LABEL.match(raw):
@@ -216,10 +220,14 @@ def for_lines(kernel) -> list[int]:
     return [first + offset for offset, line in enumerate(lines) if re.match(r"\s*for .* in (tl\.)?range\(", line)]
 
 
-def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tuple[str, ...]) -> dict[str, Loop]:
+def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tuple[str, ...],
+               block: int | None = None) -> dict[str, Loop]:
     """Name each loop by the one kernel `for` line its instructions carry (`names[k]` for lines[k]); a loop
     with no such line or several (a loop that is not a vocabulary loop, or a changed kernel) raises.
-    A trivial self-loop of one instruction (nvdisasm's `BRA` to itself after EXIT) is skipped."""
+    A trivial self-loop of one instruction (nvdisasm's `BRA` to itself after EXIT) is skipped.
+    Several loops on one line are versions of it (LLVM's loop unswitching on a row-invariant flag such as
+    `distilled`); the one named is the heaviest per source iteration (instructions / loop_unroll, with
+    `block` given), the path of a distilled row that the counts are of."""
     if len(lines) != len(names):
         raise ValueError(f"the kernel has {len(lines)} for-loops (lines {lines}); {len(names)} names given: {names}")
     named = {}
@@ -229,8 +237,15 @@ def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tup
         carried = {listing.instructions[i].source_line for i in loop.members} & set(lines)
         if len(carried) != 1:
             raise ValueError(f"loop at instruction {loop.header} carries for-lines {sorted(carried)}, not one of {lines}")
-        named[names[lines.index(carried.pop())]] = loop
-    return dict(sorted(named.items(), key=lambda item: item[1].header))
+        name = names[lines.index(carried.pop())]
+        named.setdefault(name, []).append(loop)
+
+    def weight(loop: Loop) -> float:
+        unroll = 1 if block is None else loop_unroll(listing, loop, lines, block)
+        return sum(listing.instructions[i].opcode != "NOP" for i in loop.members) / unroll
+
+    heaviest = {name: max(versions, key=weight) for name, versions in named.items()}
+    return dict(sorted(heaviest.items(), key=lambda item: item[1].header))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,10 +271,12 @@ class LoopCounts:
     shared_accesses: int
     load_bytes: int
     store_bytes: int
+    unroll: int = 1  # BLOCK-wide source iterations per trip (loop_unroll); the counts are per trip
 
 
-def count_loop(listing: Listing, loop: Loop) -> LoopCounts:
-    """Count one SASS loop body (module docstring: NOPs left out; every instruction once)."""
+def count_loop(listing: Listing, loop: Loop, unroll: int = 1) -> LoopCounts:
+    """Count one SASS loop body (module docstring: NOPs left out; every instruction once); `unroll`:
+    source iterations per trip (loop_unroll), kept for the per-element division."""
     opcodes = [listing.instructions[i].opcode for i in loop.members]
     base = [op.split(".")[0] for op in opcodes]
     return LoopCounts(
@@ -270,7 +287,30 @@ def count_loop(listing: Listing, loop: Loop) -> LoopCounts:
         shared_accesses=sum(b in ("LDS", "STS", "ATOMS") for b in base),
         load_bytes=sum(access_bytes(op) for op, b in zip(opcodes, base) if b in ("LDG", "LDGSTS")),
         store_bytes=sum(access_bytes(op) for op, b in zip(opcodes, base) if b == "STG"),
+        unroll=unroll,
     )
+
+
+INTEGER_ADDS = ("IADD3", "UIADD3", "VIADD", "IADD", "UIADD")
+IMMEDIATE = re.compile(r"(?<![\w.])(0x[0-9a-f]+)\b")
+
+
+def loop_unroll(listing: Listing, loop: Loop, lines: list[int], block: int) -> int:
+    """How many BLOCK-wide iterations of the source loop one trip of the SASS loop runs (LLVM's runtime
+    unrolling: 1 when not unrolled): the largest immediate that a self-increment (`IADD3 R, R, imm`) on
+    the loop's `for` line adds, in units of BLOCK (the induction step; an unrolled body's copies add
+    1..u-1 BLOCKs to their columns on the `cols` line instead, and its remainder is straight-line code
+    outside the loop)."""
+    steps = []
+    for i in loop.members:
+        instruction = listing.instructions[i]
+        if instruction.source_line in lines and instruction.opcode.split(".")[0] in INTEGER_ADDS:
+            body = instruction.text.split(";")[0]
+            operands = [part.strip() for part in body[body.index(instruction.opcode) + len(instruction.opcode):].split(",")]
+            if len(operands) >= 3 and operands[0] == operands[1]:  # a self-increment: i += step
+                steps += [int(value, 16) for value in IMMEDIATE.findall(",".join(operands[2:]))]
+    multiples = [step // block for step in steps if step > 0 and step % block == 0]
+    return max(multiples, default=1)
 
 
 def disassemble(cubin: bytes, arch: int) -> str:
@@ -376,11 +416,12 @@ def loop_names(case: Case) -> tuple[str, ...]:
     return LIGER_LOOPS if case.spec is None else OUR_LOOPS
 
 
-def analyse_sass(sass: str, kernel, names: tuple[str, ...]) -> tuple[Listing, dict[str, Loop]]:
-    """Parse `sass` (nvdisasm -c -g of `kernel`) and find and name its loops (module docstring)."""
+def analyse_sass(sass: str, kernel, names: tuple[str, ...], block: int | None = None) -> tuple[Listing, dict[str, Loop]]:
+    """Parse `sass` (nvdisasm -c -g of `kernel`) and find and name its loops (module docstring; `block`:
+    the BLOCK of one source iteration, to pick among unswitched versions of a loop, name_loops)."""
     source_file = inspect.getsourcefile(kernel.fn)
     listing = parse_sass(sass, source_file)
-    return listing, name_loops(listing, natural_loops(listing), for_lines(kernel), names)
+    return listing, name_loops(listing, natural_loops(listing), for_lines(kernel), names, block)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,19 +432,20 @@ def per_element(case: Case, compiled: Compiled, arch: int, counts: dict[str, Loo
     """The row of one (case, arch): per-loop and total per-element figures (module docstring)."""
     t = compiled.per_thread
     counted = {name: c for name, c in counts.items() if name in case.expected_loops}
-    mufu = sum((c.mufu for c in counted.values()), Counter())
+    mufu = sum((Counter({k: n / c.unroll for k, n in c.mufu.items()}) for c in counted.values()), Counter())
     row = {
         "case": case.key, "arch": f"sm_{arch}", "block": compiled.block, "num_warps": compiled.num_warps,
         "per_thread": t, "loops": "+".join(counted) + "".join(f" (+{name}: not counted)" for name in counts
                                                                 if name not in counted),
-        "instr_per_elem": sum(c.instructions for c in counted.values()) / t,
-        "instr_by_loop": " + ".join(f"{name}: {c.instructions / t:.2f}" for name, c in counted.items()),
+        "instr_per_elem": sum(c.instructions / c.unroll for c in counted.values()) / t,
+        "instr_by_loop": " + ".join(f"{name}: {c.instructions / c.unroll / t:.2f}" for name, c in counted.items()),
+        "unroll": " + ".join(str(c.unroll) for c in counted.values()),
         "mufu_per_elem": sum(mufu.values()) / t,
         "mufu_kinds": " ".join(f"{kind} {n / t:.2f}" for kind, n in sorted(mufu.items())),
-        "shfl_bar_per_iter": " + ".join(f"{c.shfl}/{c.bar}" for c in counted.values()),
-        "shared_per_iter": sum(c.shared_accesses for c in counted.values()),
-        "load_bytes_per_elem": sum(c.load_bytes for c in counted.values()) / t,
-        "store_bytes_per_elem": sum(c.store_bytes for c in counted.values()) / t,
+        "shfl_bar_per_iter": " + ".join(f"{c.shfl // c.unroll}/{c.bar // c.unroll}" for c in counted.values()),
+        "shared_per_iter": sum(c.shared_accesses // c.unroll for c in counted.values()),
+        "load_bytes_per_elem": sum(c.load_bytes / c.unroll for c in counted.values()) / t,
+        "store_bytes_per_elem": sum(c.store_bytes / c.unroll for c in counted.values()) / t,
         "minimal_bytes_per_elem": case.minimal_tensors * DTYPE_BYTES,
     }
     return row
@@ -430,7 +472,7 @@ def analyse_case(case: Case, arch: int, dump: Path | None = None) -> dict:
     found. With `dump`, writes <key>-sm<arch>.{ptx,cubin,sass} and .json (the compile's block and warps)."""
     compiled = compile_case(case, arch)
     sass = disassemble(compiled.cubin, arch)
-    listing, loops = analyse_sass(sass, compiled.kernel, loop_names(case))
+    listing, loops = analyse_sass(sass, compiled.kernel, loop_names(case), compiled.block)
     expected = set(case.expected_loops) | ({"ignored row"} if case.spec is None else set())
     if set(loops) != expected:
         raise RuntimeError(f"{case.key} sm_{arch}: found loops {list(loops)}, expected {sorted(expected)}")
@@ -441,7 +483,10 @@ def analyse_case(case: Case, arch: int, dump: Path | None = None) -> dict:
         stem.with_suffix(".cubin").write_bytes(compiled.cubin)
         stem.with_suffix(".sass").write_text(sass)
         stem.with_suffix(".json").write_text(json.dumps({"block": compiled.block, "num_warps": compiled.num_warps}))
-    return per_element(case, compiled, arch, {name: count_loop(listing, loop) for name, loop in loops.items()})
+    lines = for_lines(compiled.kernel)
+    counts = {name: count_loop(listing, loop, loop_unroll(listing, loop, lines, compiled.block))
+              for name, loop in loops.items()}
+    return per_element(case, compiled, arch, counts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -466,17 +511,18 @@ def write_outputs(rows: list[dict], skipped: list[str], out: Path) -> None:
         "(dynsdpb_kernels/triton_aot.py) for sm_90a and sm_80 and disassembled with Triton's nvdisasm; the "
         "vocabulary loops found on the control-flow graph (back edges to a dominating header) and named by "
         "their `for` line. Per logit element: loop-body instructions (NOPs aside, each once: the path of a "
-        "distilled, recorded row) / elements per thread per iteration; MUFU likewise; SHFL/BAR per iteration "
+        "distilled, recorded row) / elements per thread per iteration (a loop that LLVM unrolled u times runs "
+        "u BLOCK-wide iterations per trip: `unroll`, from its induction step); MUFU likewise; SHFL/BAR per iteration "
         "of a warp, per loop; global bytes from the LDG/STG widths. The script's docstring has the method.",
         "",
-        "| case | target | BLOCK / warps | elem/thread | loops | instr/elem (by loop) | MUFU/elem | "
+        "| case | target | BLOCK / warps | elem/thread | loops | unroll | instr/elem (by loop) | MUFU/elem | "
         "SHFL/BAR per iter | LDG+STG B/elem | minimal B/elem |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['case']} | {row['arch']} | {row['block']} / {row['num_warps']} | {row['per_thread']} | "
-            f"{row['loops']} | **{row['instr_per_elem']:.1f}** ({row['instr_by_loop']}) | "
+            f"{row['loops']} | {row['unroll']} | **{row['instr_per_elem']:.1f}** ({row['instr_by_loop']}) | "
             f"**{row['mufu_per_elem']:.2f}** ({row['mufu_kinds']}) | {row['shfl_bar_per_iter']} | "
             f"{row['load_bytes_per_elem']:g}+{row['store_bytes_per_elem']:g} | {row['minimal_bytes_per_elem']} |")
     gpu_text = "; ".join(f"{g.name}: {g.sms} SMs at {g.clock_hz / 1e9:.2f} GHz, {g.lane_instructions_per_clock} "

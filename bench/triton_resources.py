@@ -22,11 +22,14 @@ of it reserved per block; A100's sm_80 SM differs only in 164 KB shared memory:
     warps per SM         = blocks per SM * num_warps   (occupancy = warps per SM / 64)
 The choice is made for H100/H200 (sm_90), the GPUs this package targets first. Spilled registers go to
 local memory (L1/L2/HBM traffic), so a configuration that spills in any specialization on sm_90 is
-rejected. Of the rest, those that keep at least half the warp slots (32 warps per SM) in every
-specialization qualify: a streaming kernel hides memory and barrier latency by switching warps, and past
-about half occupancy more warps seldom help. Among those, the widest block wins (fewest loop steps over
-the vocabulary; each step of the first pass ends in 9 to 14 block-wide reductions through shared memory
-and barriers), then the fewer warps (cheaper reductions). The sm_80 rows are listed for reference: the
+rejected. Of the rest, those that keep at least a quarter of the warp slots (16 warps per SM) in every
+specialization qualify (the loops hold per-lane states and no block-wide reduction, so there is no barrier
+to hide; at 4 entries per thread ptxas takes 89-95 registers in the dense-teacher specializations, one
+16-warp block per SM). Among those, the fewest static instructions per logit element in the vocabulary
+loops, summed over the specializations, wins (the loops' SASS counted as bench/sass_roofline.py counts it:
+the kernel is issue-bound or close, and the block shape acts through the elements per thread: loop
+overhead, load width, and the register pressure that ptxas answers with extra moves), then the widest
+block, then the fewer warps. The sm_80 rows are listed for reference: the
 ptxas Triton uses there (12.9) sometimes picks a register count (40, 48, 64) that costs a few bytes of
 spill per thread. Rules of thumb, not measurements: this is compile-time data, and a GPU timing
 (bench/gpu_check.py) is what would confirm or overturn it.
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import itertools
 import json
 import os
@@ -51,14 +55,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from dynsdpb_kernels import triton_aot, triton_kernel  # noqa: E402
 from dynsdpb_kernels.triton_aot import Specialization  # noqa: E402
 
+import sass_roofline  # noqa: E402
+
 ARCHS = (90, 80)
-DATE = "2026-11-29"
-CANDIDATES = [
-    (1024, 4), (1024, 8), (2048, 4), (2048, 8), (2048, 16), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)
-]
+DATE = datetime.date.today().isoformat()
+CANDIDATES = [(1024, 16), (2048, 8), (2048, 16), (4096, 16)]
 # The variants with the most live state: teachers without statistics (pre-pass, or the full teacher state in
 # pass 1 when static), a ring's dense and top-k teachers while recording, plain cross-entropy; float32 logits
 # hold the most registers per element, bfloat16 is the training dtype; and the heaviest at a vocabulary
@@ -125,27 +131,42 @@ def measure(spec: Specialization, block_v: int, num_warps: int, arch: int) -> di
         raise RuntimeError(f"ptxas rerun disagrees with Triton's cubin: {report} vs {cubin}")
     shared = compiled.metadata.shared
     warps, limit = warps_per_sm(report["registers"], num_warps, shared, arch)
+    instructions = loop_instructions(compiled.asm["cubin"], arch, block_v, num_warps)
     return {"arch": f"sm_{arch}", "specialization": spec.name, "block_v": block_v, "num_warps": num_warps,
             "per_thread": block_v // (32 * num_warps), "steps_at_V": -(-spec.vocab_size // block_v), **report,
             "local_bytes": cubin["local"], "stack_bytes": cubin["stack"], "shared_bytes": shared, "warps_per_sm": warps,
-            "occupancy": warps / MAX_WARPS, "limited_by": limit}
+            "occupancy": warps / MAX_WARPS, "limited_by": limit, "instr_per_elem": instructions}
 
 
-MIN_WARPS_PER_SM = 32  # half of the 64 warp slots
+def loop_instructions(cubin: bytes, arch: int, block_v: int, num_warps: int) -> float:
+    """Static instructions per logit element of all the vocabulary loops in `cubin`, counted as
+    bench/sass_roofline.py counts them (every loop body instruction once, / unroll, / elements per thread)."""
+    kernel = triton_kernel._dynsdpb_row_kernel
+    sass = sass_roofline.disassemble(cubin, arch)
+    listing, loops = sass_roofline.analyse_sass(sass, kernel, sass_roofline.OUR_LOOPS, block_v)
+    lines = sass_roofline.for_lines(kernel)
+    per_thread = block_v // (32 * num_warps)
+    counts = [sass_roofline.count_loop(listing, loop, sass_roofline.loop_unroll(listing, loop, lines, block_v))
+              for loop in loops.values()]
+    return sum(c.instructions / c.unroll for c in counts) / per_thread
+
+
+MIN_WARPS_PER_SM = 16  # a quarter of the 64 warp slots
 
 
 def choose(rows: list[dict]) -> tuple[int, int]:
     """(BLOCK_V, num_warps) by the rule in the module docstring: on CHOICE_ARCH, no spill in any
-    specialization, at least MIN_WARPS_PER_SM in each, then the widest block, then the fewer warps."""
+    specialization, at least MIN_WARPS_PER_SM in each, then the fewest loop instructions per element
+    summed over the specializations, then the widest block, then the fewer warps."""
     qualified = []
     for block_v, num_warps in CANDIDATES:
         key = (f"sm_{CHOICE_ARCH}", block_v, num_warps)
         mine = [row for row in rows if (row["arch"], row["block_v"], row["num_warps"]) == key]
         spills = any(row[key] for row in mine for key in ("spill_stores", "spill_loads", "local_bytes", "stack_bytes"))
         if not spills and min(row["warps_per_sm"] for row in mine) >= MIN_WARPS_PER_SM:
-            qualified.append((block_v, -num_warps))
-    block_v, negative_warps = max(qualified)
-    return block_v, -negative_warps
+            qualified.append((round(sum(row["instr_per_elem"] for row in mine), 2), -block_v, num_warps))
+    _, negative_block, num_warps = min(qualified)
+    return -negative_block, num_warps
 
 
 def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> None:
@@ -159,14 +180,16 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
         "metadata, warps per SM by the occupancy formula in the script's docstring (64 = full occupancy).",
         "",
         f"**Chosen: BLOCK_V = {chosen[0]}, num_warps = {chosen[1]}**: on sm_{CHOICE_ARCH}, no spills in any "
-        f"specialization, at least {MIN_WARPS_PER_SM} warps per SM in each, then the widest block, then the fewer "
+        f"specialization, at least {MIN_WARPS_PER_SM} warps per SM in each, then the fewest vocabulary-loop "
+        "instructions per element summed over the specializations, then the widest block, then the fewer "
         "warps; the sm_80 rows are for reference (the rule and the "
         "formula are in the script's docstring). `spill st/ld` are ptxas's spill stores/loads in bytes per thread, "
-        "`stack` the stack frame; `steps` the loop steps over the row at that V.",
+        "`stack` the stack frame; `steps` the loop steps over the row at that V; `instr/elem` the loops' static "
+        "instructions per logit element, counted as bench/sass_roofline.py counts them.",
         "",
         "| target | specialization | BLOCK_V | warps | elems/thread | steps | regs | spill st/ld (B) | stack (B) "
-        "| smem (B) | warps/SM | limit |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| smem (B) | warps/SM | limit | instr/elem |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
         mark = " **(chosen)**" if (row["block_v"], row["num_warps"]) == chosen else ""
@@ -175,7 +198,7 @@ def write_markdown(rows: list[dict], chosen: tuple[int, int], path: Path) -> Non
             f"{row['per_thread']} | {row['steps_at_V']} | {row['registers']} | "
             f"{row['spill_stores']}/{row['spill_loads']} | {row['stack_bytes']} | "
             f"{row['shared_bytes']} | "
-            f"{row['warps_per_sm']} | {row['limited_by']} |"
+            f"{row['warps_per_sm']} | {row['limited_by']} | {row['instr_per_elem']:.2f} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -9,9 +9,42 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
               (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
     pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
 
-With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py): pass 1, the
-label's logit, the top-k support's logits and the ring record see z', and pass 2 chains dz'/dz into the
-gradient. Without it the kernel is the same code as before (a constexpr branch).
+How a row is walked. Each of the BLOCK_V lanes of a loop step keeps its own online state in the loop's
+block-shaped accumulators, and the lanes are combined once per row after the loop (tl.max / tl.sum over
+the block axis): no shuffle, shared memory or barrier inside a vocabulary loop. Per lane and element,
+with delta = x - m_lane and e = exp2(-|delta| * scale) (the exp(-|x - m|) trick: ONE exponential per
+element per state, whichever of x and m is larger):
+    temperature-1 state (_lane_step): max m, second max m2 = max(m2, min(m, x)), s_rest (the lane's sum
+        without one occurrence of its max, the 1 + s_rest form) and ent = sum e (x - m), rescaled by
+        r = (delta > 0 ? e : 1): s_rest = r s_rest + e, ent = r ent + e (-|delta|) (1 + (delta > 0 ? s_rest : 0))
+    sums at tau_r (_tempered_step, _max_sum_step): total = (delta > 0 ? total e + 1 : total + e); the
+        student's shares its lane maximum (and delta) with the temperature-1 state
+All exponentials are exp2 with log2(e) and 1 / tau_r folded into one scale (tau_scale = log2(e) / tau_r);
+pass 2 works in base 2 (log2 P - log2 Q = (t - z) tau_scale + a per-row offset) and the label's gradient
+entry is rewritten once after pass 2 (no per-element select): each element is still rounded once, and the
+precision tricks stay (1 + s_rest for confident rows, the exact true-class gradient -s_rest / (1 + s_rest)).
+
+Budget per specialization (bench/sass_roofline.md: static counts of the loops' SASS per logit element on
+sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01;
+predictions from the machine code, not GPU timings):
+
+    specialization                         instructions (pre-pass + pass 1 + pass 2)  MUFU  LDG+STG bytes
+    plain CE (no teacher, grad)            26.0  (      17.0 +  9.0)                   2.0   4+2 (4 minimal)
+    ring step (dense bf16 teachers with    57.5  (      34.25 + 23.25)                 6.0   8+4 (8 minimal)
+      stats, ring write, dynamic, grad)
+    teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
+    top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
+
+MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r; the pre-pass's t at 1) and in
+pass 2 one each for softmax(z), Q and P; no division in a loop (the per-row reciprocals are hoisted).
+tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
+<= 64 / 6, teachers without stats <= 80 / 7.5).
+
+With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
+pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
+chained with dz'/dz. Without it the kernel is the same code (a constexpr branch; the budget above). With
+it each pass adds _softcap's EX2 and RCP per element: plain CE 78.25 instructions and 6.0 MUFU per element,
+the ring step 110.0 and 10.0 (no budget yet; docs/triton_kernel_roofline.md).
 
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
@@ -28,14 +61,21 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .backends import triton_interpreted
 from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
+# What masked lanes load and lane maxima start from (_lane_floor): below any logit, finite in the dtype.
+LANE_FLOOR = tl.constexpr(-1e30)
+FP16_LANE_FLOOR = tl.constexpr(-65504.0)
 
-# Largest vocabulary block of one loop step, and vocabulary entries per thread (and live operand): the
-# widest block that spills in no specialization on sm_90 (H100/H200) and keeps at least 32 of its 64 warp
-# slots resident in each is 2048 at 16 warps (bench/triton_resources.md: 32-52 registers per thread).
+# Largest vocabulary block of one loop step, and vocabulary entries per thread (and per-lane state): of the
+# blocks that spill in no specialization on sm_90 (H100/H200) and keep at least 16 of its 64 warp slots
+# resident in each, 2048 at 16 warps has the fewest vocabulary-loop instructions per element
+# (bench/triton_resources.md: 40-95 registers per thread; 2 entries per thread cost the ring step 66).
 MAX_BLOCK_V = 2048
 ELEMENTS_PER_THREAD = 4
 
@@ -49,18 +89,30 @@ def _log1p(x):
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr):
+def _round_to(x, dtype: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
     """float32 -> dtype, rounding to nearest even.
 
-    For bfloat16 the rounding is spelled out (add 0x7FFF plus the lowest kept bit, drop 16 bits), which is
-    what the GPU's cvt.rn.bf16.f32 does, because Triton's CPU interpreter truncates that cast instead.
+    On the GPU the cast is cvt.rn (one F2FP per two elements). Triton's CPU interpreter truncates the
+    bfloat16 cast instead, so there (SOFTWARE_ROUNDING) the rounding is spelled out: add 0x7FFF plus the
+    lowest kept bit, drop 16 bits, which is what cvt.rn.bf16.f32 does.
     """
-    if dtype == tl.bfloat16:
+    if SOFTWARE_ROUNDING and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         return tl.where(x != x, x.to(tl.bfloat16), rounded)  # keep NaN a NaN
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def _lane_floor(ptr):
+    """The value masked lanes of a load from `ptr` hold and lane maxima start from: far below any logit,
+    finite in the pointer's dtype, and with room for x - floor and (t - z) / tau in float32."""
+    if ptr.dtype.element_ty == tl.float16:
+        floor = FP16_LANE_FLOOR
+    else:
+        floor = LANE_FLOOR
+    return floor
 
 
 @triton.jit
@@ -82,52 +134,99 @@ def _softcap(z, cap, inv_cap, two_log2e_over_cap):
 
 
 @triton.jit
-def _load_student(ptrs, mask, other, SOFTCAP: tl.constexpr, cap, inv_cap, two_log2e_over_cap):
-    """Student logits at `ptrs` as float32 (`other` on masked lanes), softcapped when SOFTCAP, and dz'/dz
-    (1 without SOFTCAP; 1 on masked lanes)."""
-    z = tl.load(ptrs, mask=mask, other=other).to(tl.float32)
-    derivative = tl.full(z.shape, 1.0, tl.float32)
+def _student_logits(row_ptr, cols, mask, SOFTCAP: tl.constexpr, cap, inv_cap, two_log2e_over_cap):
+    """The student logits of one block: (as stored, float32, dz'/dz); masked lanes hold _lane_floor.
+
+    The one place the kernel reads and transforms student logits: every pass goes through here. With
+    SOFTCAP the float32 logits are z' = cap tanh(z / cap) (_softcap) and the slope dz'/dz (1 on masked
+    lanes); without it the slope is 1 and unused.
+    """
+    floor = _lane_floor(row_ptr)
+    raw = tl.load(row_ptr + cols, mask=mask, other=floor)
+    z = raw.to(tl.float32)
+    slope = tl.full(z.shape, 1.0, tl.float32)
     if SOFTCAP:
-        capped, slope = _softcap(z, cap, inv_cap, two_log2e_over_cap)
-        z = tl.where(mask, capped, other)
-        derivative = tl.where(mask, slope, 1.0)
-    return z, derivative
+        capped, derivative = _softcap(z, cap, inv_cap, two_log2e_over_cap)
+        z = tl.where(mask, capped, floor)
+        slope = tl.where(mask, derivative, 1.0)
+    return raw, z, slope
 
 
 @triton.jit
-def _merge_row_stats(m1, m2, s_rest, ent, x, mask, BLOCK_V: tl.constexpr):
-    """Fold one block x (masked lanes hold -inf) into the temperature-1 state of a row.
+def _teacher_logits(row_ptr, cols, mask):
+    """The teacher logits of one block in float32 (masked lanes hold _lane_floor)."""
+    return tl.load(row_ptr + cols, mask=mask, other=_lane_floor(row_ptr)).to(tl.float32)
 
-    m1, m2  largest and second-largest logit seen so far
-    s_rest  sum over all entries but one occurrence of the maximum of exp(x_j - m1), so that
-            sum_j exp(x_j - m1) = 1 + s_rest; keeping the 1 apart keeps 1 - p_(1) = s_rest / (1 + s_rest)
-            and log(1 + s_rest) exact for confident rows, where 1 + s_rest rounds to 1.
-    ent     sum_j exp(x_j - m1) * (x_j - m1), so that H = log(1 + s_rest) - ent / (1 + s_rest)
+
+@triton.jit
+def _lane_step(m, m2, s_rest, ent, x):
+    """Fold one element per lane, x, into that lane's temperature-1 state; ONE exponential per element.
+
+    m, m2   the lane's largest and second-largest value (LANE_FLOOR before any)
+    s_rest  sum over the lane's elements but one occurrence of m of exp(x_j - m): the lane's
+            sum_j exp(x_j - m) is 1 + s_rest (the 1 kept apart: see _combine_row_stats)
+    ent     sum_j exp(x_j - m) (x_j - m)
+
+    With delta = x - m and e = exp(-|delta|): a new maximum (delta > 0) rescales the old state by
+    e = exp(m - x) and the old maximum's 1 joins the rest, s_rest' = (s_rest + 1) e, ent' = e (ent +
+    (m - x)(1 + s_rest)); otherwise x joins the rest, s_rest' = s_rest + e, ent' = ent + e (x - m). Both
+    are s_rest' = r s_rest + e and ent' = r ent + e (-|delta|) w with r = (e or 1), w = (1 + s_rest or 1).
+    Also returns (grew, delta) for the tempered sums that share this maximum (_tempered_step).
+    NaN or inf in x makes s_rest or ent NaN (reported, never dropped).
     """
-    lane = tl.arange(0, BLOCK_V)
-    block_max = tl.max(x, axis=0)
-    block_arg = tl.argmax(x, axis=0)
-    block_second = tl.max(tl.where(lane == block_arg, float("-inf"), x), axis=0)
-    new_m1 = tl.maximum(m1, block_max)
-    new_m2 = tl.maximum(tl.minimum(m1, block_max), tl.maximum(m2, block_second))
+    delta = x - m
+    grew = delta > 0.0
+    neg_abs = -tl.abs(delta)
+    e = tl.exp2(neg_abs * LOG2E)
+    r = tl.where(grew, e, 1.0)
+    shift = neg_abs * e
+    ent = r * ent + (shift + shift * tl.where(grew, s_rest, 0.0))
+    s_rest = r * s_rest + e
+    m2 = tl.maximum(m2, tl.minimum(m, x))
+    m = tl.maximum(m, x)
+    return m, m2, s_rest, ent, grew, delta
 
-    shifted = tl.where(mask, x - new_m1, 0.0)
-    weights = tl.where(mask, tl.exp(shifted), 0.0)
-    block_ent = tl.sum(weights * shifted, axis=0)
-    max_moved = block_max > m1
-    # When the maximum moves into this block, the old maximum's 1 joins the rest (rescaled) and the
-    # block's own maximum is left out; otherwise the whole block joins the rest.
-    old_shift = tl.where(m1 > float("-inf"), m1 - new_m1, 0.0)  # 0 before the first block: no state yet
-    scale = tl.exp(m1 - new_m1)
-    block_rest = tl.sum(tl.where(lane == block_arg, 0.0, weights), axis=0)
-    s_rest_moved = scale * (s_rest + 1.0) + block_rest
-    s_rest_kept = s_rest + tl.sum(weights, axis=0)
-    # ent rescales as exp(m1 - m1') * (ent + (m1 - m1') * sum); before the first block scale = 0 and
-    # old_shift = 0, so nothing is carried (and no 0 * inf appears).
-    ent_moved = scale * (ent + old_shift * (1.0 + s_rest))
-    new_s_rest = tl.where(max_moved, s_rest_moved, s_rest_kept)
-    new_ent = tl.where(max_moved, ent_moved, ent) + block_ent
-    return new_m1, new_m2, new_s_rest, new_ent
+
+@triton.jit
+def _tempered_step(total, grew, delta, scale):
+    """Fold x into a lane's full sum total = sum_j 2^((x_j - m) scale) at the lane maximum m of
+    _lane_step (grew, delta = x - m_old from it); scale = log2(e) / tau: one exponential per element."""
+    e = tl.exp2(-tl.abs(delta) * scale)
+    return tl.where(grew, total * e + 1.0, total + e)
+
+
+@triton.jit
+def _max_sum_step(m, total, x, scale):
+    """A lane's own running maximum m and full sum total = sum_j 2^((x_j - m) scale); one exponential."""
+    delta = x - m
+    e = tl.exp2(-tl.abs(delta) * scale)
+    total = tl.where(delta > 0.0, total * e + 1.0, total + e)
+    return tl.maximum(m, x), total
+
+
+@triton.jit
+def _combine_row_stats(m, m2, s_rest, ent):
+    """The row's temperature-1 state (m1, m2, s_rest, ent) from the lanes' (after the loop, once per row).
+
+    The lane `top` holding the row maximum m1 (its first occurrence) keeps its 1 apart: s_rest =
+    s_rest_top + sum_{lane != top} exp(m_lane - m1) (1 + s_rest_lane), so 1 - p_(1) = s_rest / (1 + s_rest)
+    and log(1 + s_rest) stay exact for confident rows. Lanes that saw no element (m = LANE_FLOOR) weigh 0.
+    """
+    lane = tl.arange(0, m.shape[0])
+    m1 = tl.max(m, axis=0)
+    top = tl.argmax(m, axis=0)
+    weight = tl.exp2((m - m1) * LOG2E)
+    lane_total = 1.0 + s_rest
+    row_rest = tl.sum(tl.where(lane == top, s_rest, weight * lane_total), axis=0)
+    row_ent = tl.sum(weight * (ent + (m - m1) * lane_total), axis=0)
+    row_m2 = tl.maximum(tl.max(m2, axis=0), tl.max(tl.where(lane == top, LANE_FLOOR, m), axis=0))
+    return m1, row_m2, row_rest, row_ent
+
+
+@triton.jit
+def _combine_sum(m, total, row_max, scale):
+    """sum_j 2^((x_j - row_max) scale) from the lanes' sums at their own maxima m."""
+    return tl.sum(tl.exp2((m - row_max) * scale) * total, axis=0)
 
 
 @triton.jit
@@ -185,6 +284,7 @@ def _dynsdpb_row_kernel(
     SOFTCAP: tl.constexpr,
     K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    SOFTWARE_ROUNDING: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2^31
     logits_row = logits_ptr + row * logits_row_stride
@@ -206,70 +306,77 @@ def _dynsdpb_row_kernel(
         record_slot = tl.load(record_index_ptr + row)
     ring_row = ring_ptr + tl.maximum(record_slot, 0) * ring_row_stride
 
+    zeros = tl.zeros([BLOCK_V], dtype=tl.float32)
+    z_floor = zeros + _lane_floor(logits_ptr)
+    t_floor = zeros + _lane_floor(teacher_ptr)
+
     # Teacher statistics (u, d) at temperature 1: given, or from a pre-pass when tau_r needs them.
     t_uncertainty = 0.0
     t_discrimination = 0.0
+    teacher_max = 0.0  # the pre-pass's row maximum of t, which pass 1 then needs not track
     if HAS_TEACHER_STATS:
         if distilled:
             t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * 2).to(tl.float32)
             t_discrimination = tl.load(teacher_stats_ptr + teacher_id * 2 + 1).to(tl.float32)
     elif DYNAMIC_TAU:
         if distilled:
-            tm1 = float("-inf")
-            tm2 = float("-inf")
-            ts_rest = 0.0
-            tent = 0.0
+            tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes = t_floor, t_floor, zeros, zeros
             for start in range(0, V, BLOCK_V):
                 cols = start + lane
-                mask = cols < V
-                t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
+                t = _teacher_logits(teacher_row, cols, cols < V)
+                tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, _, _ = _lane_step(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, t)
+            tm1, tm2, ts_rest, tent = _combine_row_stats(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes)
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
+            teacher_max = tm1
 
     if DYNAMIC_TAU:
         tau_r = 1.0 + (tau - 1.0) * t_discrimination
     else:
         tau_r = tau + 0.0 * t_discrimination
     inv_tau = 1.0 / tau_r
+    tau_scale = LOG2E * inv_tau  # exp(x / tau_r) = exp2(x * tau_scale)
 
-    # Pass 1. Student at temperature 1 (zm1, zm2, zs_rest, zent); student at tau_r shares the maximum
-    # zm1 since max(z / tau) = max(z) / tau: zs_tau = sum_j exp((z_j - zm1) / tau_r). Teacher at tau_r:
-    # tm1, ts_tau likewise, and its temperature-1 state when its statistics are still unknown.
-    zm1 = float("-inf")
-    zm2 = float("-inf")
-    zs_rest = 0.0
-    zent = 0.0
-    zs_tau = 0.0
-    tm1 = float("-inf")
-    tm2 = float("-inf")
-    ts_rest = 0.0
-    tent = 0.0
-    ts_tau = 0.0
+    # Pass 1, per lane (no cross-lane work in the loop): the student's temperature-1 state (_lane_step)
+    # and its sum at tau_r, which shares the lane maximum since max(z / tau) = max(z) / tau; the teacher's
+    # maximum and sum at tau_r (its maximum already known after a pre-pass), and its temperature-1 state
+    # when its statistics are still unknown. A recorded row is copied into the ring here.
+    zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, zs_tau_lanes = z_floor, z_floor, zeros, zeros, zeros
+    tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, ts_tau_lanes = t_floor, t_floor, zeros, zeros, zeros
     for start in range(0, V, BLOCK_V):
         cols = start + lane
         mask = cols < V
-        z, _ = _load_student(logits_row + cols, mask, float("-inf"), SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
+        z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         if RECORD_ROWS:
             if record_slot >= 0:  # the fused ring write: this block is in registers anyway
-                tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty), mask=mask)
-        zm1_old = zm1
-        zm1, zm2, zs_rest, zent = _merge_row_stats(zm1, zm2, zs_rest, zent, z, mask, BLOCK_V)
-        if distilled:
-            zs_tau = zs_tau * tl.exp((zm1_old - zm1) * inv_tau) + tl.sum(
-                tl.where(mask, tl.exp((z - zm1) * inv_tau), 0.0), axis=0
-            )
-            if not TEACHER_TOPK:
-                t = tl.load(teacher_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                tm1_old = tm1
-                if HAS_TEACHER_STATS or DYNAMIC_TAU:
-                    tm1 = tl.maximum(tm1, tl.max(t, axis=0))
+                if ring_ptr.dtype.element_ty == logits_ptr.dtype.element_ty and not SOFTCAP:
+                    tl.store(ring_row + cols, z_raw, mask=mask)
                 else:
-                    tm1, tm2, ts_rest, tent = _merge_row_stats(tm1, tm2, ts_rest, tent, t, mask, BLOCK_V)
-                ts_tau = ts_tau * tl.exp((tm1_old - tm1) * inv_tau) + tl.sum(
-                    tl.where(mask, tl.exp((t - tm1) * inv_tau), 0.0), axis=0
-                )
+                    tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
+        zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, grew, delta = _lane_step(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, z)
+        if distilled:
+            zs_tau_lanes = _tempered_step(zs_tau_lanes, grew, delta, tau_scale)
+            if not TEACHER_TOPK:
+                t = _teacher_logits(teacher_row, cols, mask)
+                if HAS_TEACHER_STATS:
+                    tm_lanes, ts_tau_lanes = _max_sum_step(tm_lanes, ts_tau_lanes, t, tau_scale)
+                elif DYNAMIC_TAU:
+                    ts_tau_lanes += tl.exp2((t - teacher_max) * tau_scale)
+                else:
+                    tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, t_grew, t_delta = _lane_step(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, t)
+                    ts_tau_lanes = _tempered_step(ts_tau_lanes, t_grew, t_delta, tau_scale)
 
-    if not HAS_TEACHER_STATS and not DYNAMIC_TAU:
+    # Across lanes, once per row.
+    zm1, zm2, zs_rest, zent = _combine_row_stats(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes)
+    zs_tau = _combine_sum(zm_lanes, zs_tau_lanes, zm1, tau_scale)
+    if HAS_TEACHER_STATS:
+        tm1 = tl.max(tm_lanes, axis=0)
+        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
+    elif DYNAMIC_TAU:
+        tm1 = teacher_max + 0.0 * zm1
+        ts_tau = tl.sum(ts_tau_lanes, axis=0)
+    else:
+        tm1, tm2, ts_rest, tent = _combine_row_stats(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes)
+        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
         if distilled:
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
     if DYNAMIC_ALPHA:
@@ -279,8 +386,8 @@ def _dynsdpb_row_kernel(
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
-    z_label, _ = _load_student(
-        logits_row + label, valid & label_in_range, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap
+    z_label_raw, z_label, label_slope = _student_logits(
+        logits_row, label, valid & label_in_range, SOFTCAP, softcap, inv_cap, two_log2e_over_cap
     )
     ce = tl.where(valid, (zm1 - z_label) + _log1p(zs_rest), 0.0)
     ce = tl.where(valid & ((label < 0) | (label >= V)), float("nan"), ce)
@@ -300,12 +407,13 @@ def _dynsdpb_row_kernel(
     # KL(P_hat || Q) = sum_k P_hat_k (log P_hat_k - log Q_support_k) needs only the k student logits at the
     # support, read here (before pass 2, which may overwrite the logits with the gradient in place).
     kl = 0.0
+    q_scale = kl_coef  # the factor of Q in the gradient (off a top-k support: kl_coef (1 - tail / q_tail))
     if TEACHER_TOPK:
         k_lane = tl.arange(0, K_BLOCK)
         k_mask = k_lane < tl.where(distilled, K, 0)  # nothing to load for rows without a teacher
         t_k = tl.load(teacher_row + k_lane, mask=k_mask, other=float("-inf")).to(tl.float32)
         support = tl.load(support_ptr + tl.maximum(teacher_id, 0) * support_row_stride + k_lane, mask=k_mask, other=0)
-        z_k, slope_k = _load_student(logits_row + support, k_mask, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
+        z_k_raw, z_k, slope_k = _student_logits(logits_row, support, k_mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
         tm1 = tl.where(distilled, tl.max(t_k, axis=0), 0.0)
         ts_tau = tl.sum(tl.where(k_mask, tl.exp((t_k - tm1) * inv_tau), 0.0), axis=0)
         # P_k = (1 - tail) P_hat_k; the tail mass is one bucket against Q's mass off the support
@@ -317,11 +425,17 @@ def _dynsdpb_row_kernel(
         kl = tl.sum(tl.where(k_mask, tl.exp(log_p_k) * (log_p_k - log_q_k), 0.0), axis=0)
         q_tail = tl.maximum(1.0 - tl.sum(tl.where(k_mask, tl.exp(log_q_k), 0.0), axis=0), TAIL_FLOOR)
         kl += tl.where(tail > 0.0, tail * (tl.log(tl.maximum(tail, 1.1754944e-38)) - tl.log(q_tail)), 0.0)
-        tail_scale = 1.0 - tail / q_tail  # off the support the target is tail * Q / q_tail
-    log_ts_tau = tl.log(tl.where(distilled, ts_tau, 1.0))
+        q_scale = kl_coef * (1.0 - tail / q_tail)  # off the support the target is tail * Q / q_tail
 
-    # Pass 2: KL(P || Q) = sum_j P_j (log P_j - log Q_j), with log P_j = (t_j - tm1) / tau_r - log ts_tau
-    # and log Q_j = (z_j - zm1) / tau_r - log zs_tau; and the gradient, stored once per element.
+    # Pass 2, in base 2: log2 Q_j = (z_j - zm1) tau_scale - log2 zs_tau, log2 P_j = (t_j - tm1) tau_scale -
+    # log2 ts_tau, so log2 P_j - log2 Q_j = (t_j - z_j) tau_scale + log_ratio_offset; KL(P || Q) =
+    # ln 2 sum_j P_j (log2 P_j - log2 Q_j), summed per lane. The gradient is stored once per element.
+    log2_zs_tau = log_zs_tau * LOG2E
+    log2_ts_tau = tl.log2(tl.where(distilled, ts_tau, 1.0))
+    log_ratio_offset = (zm1 - tm1) * tau_scale + log2_zs_tau - log2_ts_tau
+    prob_scale = ce_coef / zs_total
+    label_value = ce_coef * label_grad
+    kl_lanes = zeros
     grad_row = grad_ptr + row * grad_row_stride
     if TEACHER_TOPK:
         kl_in_pass_2 = False
@@ -331,27 +445,44 @@ def _dynsdpb_row_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
-            z, slope = _load_student(logits_row + cols, mask, 0.0, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
-            grad = tl.zeros([BLOCK_V], dtype=tl.float32)
-            if COMPUTE_GRAD:
-                probs = tl.exp(z - zm1) / zs_total
-                grad = ce_coef * tl.where(cols == label, label_grad, probs)
+            z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
+            z_shifted = z - zm1
+            grad = zeros
+            if COMPUTE_GRAD:  # the label's entry is rewritten below
+                grad = tl.exp2(z_shifted * LOG2E) * prob_scale
             if distilled:
-                log_q = (z - zm1) * inv_tau - log_zs_tau
+                q = tl.exp2(z_shifted * tau_scale - log2_zs_tau)
                 if TEACHER_TOPK:  # the support entries are rewritten below
                     if COMPUTE_GRAD:
-                        grad += kl_coef * tl.exp(log_q) * tail_scale
+                        grad += q_scale * q
                 else:
-                    t = tl.load(teacher_row + cols, mask=mask, other=0.0).to(tl.float32)
-                    log_p = (t - tm1) * inv_tau - log_ts_tau
-                    p = tl.exp(log_p)
-                    kl += tl.sum(tl.where(mask, p * (log_p - log_q), 0.0), axis=0)
+                    t = _teacher_logits(teacher_row, cols, mask)
+                    p = tl.exp2((t - tm1) * tau_scale - log2_ts_tau)
+                    kl_lanes += p * ((t - z) * tau_scale + log_ratio_offset)
                     if COMPUTE_GRAD:
-                        grad += kl_coef * (tl.exp(log_q) - p)
+                        grad += kl_coef * (q - p)
             if COMPUTE_GRAD:
                 if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
-                    grad *= slope
-                tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty), mask=mask)
+                    grad *= z_slope
+                tl.store(grad_row + cols, _round_to(grad, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
+    kl += LN2 * tl.sum(kl_lanes, axis=0)
+
+    if COMPUTE_GRAD:
+        if valid & label_in_range:
+            # The label's entry, rewritten whole (its exact ce gradient label_value, no per-element select in
+            # pass 2), so that it is still rounded once; the barrier orders this store after pass 2's.
+            tl.debug_barrier()
+            label_entry = label_value
+            if distilled:
+                q_label = tl.exp2((z_label - zm1) * tau_scale - log2_zs_tau)
+                if TEACHER_TOPK:  # a label on the support is rewritten again below
+                    label_entry += q_scale * q_label
+                else:
+                    t_label = tl.load(teacher_row + label).to(tl.float32)
+                    label_entry += kl_coef * (q_label - tl.exp2((t_label - tm1) * tau_scale - log2_ts_tau))
+            if SOFTCAP:
+                label_entry *= label_slope
+            tl.store(grad_row + label, _round_to(label_entry, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING))
 
     if TEACHER_TOPK and COMPUTE_GRAD:
         if distilled:
@@ -363,7 +494,7 @@ def _dynsdpb_row_kernel(
             grad_k += kl_coef * (tl.exp(log_q_k) - tl.exp(log_p_k))
             if SOFTCAP:
                 grad_k *= slope_k
-            tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty), mask=k_mask)
+            tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=k_mask)
 
     z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
@@ -494,6 +625,7 @@ def triton_fused_rows(
         SOFTCAP=config.softcap is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         BLOCK_V=blocks.block_v,
+        SOFTWARE_ROUNDING=triton_interpreted(),
     )
     launch = KernelLaunch(grid=(n_rows,), arguments=arguments, constexprs=constexprs, num_warps=blocks.num_warps)
     launcher(launch)
