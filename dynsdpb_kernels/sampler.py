@@ -21,6 +21,19 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from .checks import check_positive_int
 
 
+def _check_stream(batch_size: int, num_replicas: int, rank: int) -> None:
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("num_replicas", num_replicas)
+    if not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+
+
+def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of 0 .. n-1 in `epoch`: a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 class OverlapBatchSampler(Sampler[list[int]]):
     """Batch sampler of DLB / DynSDPB: previous new samples + `batch_size` new samples per batch.
 
@@ -50,10 +63,7 @@ class OverlapBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("num_replicas", num_replicas)
-        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+        _check_stream(batch_size, num_replicas, rank)
         if isinstance(data_len_or_sampler, int) and not isinstance(data_len_or_sampler, bool):
             self.source: int | Sampler = data_len_or_sampler
             total = data_len_or_sampler
@@ -112,8 +122,7 @@ class OverlapBatchSampler(Sampler[list[int]]):
             if e in self._orders:
                 continue
             if self.shuffle:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
-                order = torch.randperm(int(self.source), generator=generator).tolist()
+                order = _epoch_permutation(int(self.source), self.seed, e)
             else:
                 order = list(range(int(self.source)))
             carried = self._chunks(self._orders[e - 1])[-1] if e > 0 else []
@@ -173,10 +182,7 @@ class VisitBatchSampler(Sampler[list[int]]):
         rank: int = 0,
     ) -> None:
         check_positive_int("data_len", data_len)
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("num_replicas", num_replicas)
-        if not isinstance(rank, int) or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
+        _check_stream(batch_size, num_replicas, rank)
         if data_len < num_replicas:
             raise ValueError(f"data_len must be at least num_replicas = {num_replicas} (a sample per rank), got {data_len}")
         self.data_len = data_len
@@ -200,8 +206,7 @@ class VisitBatchSampler(Sampler[list[int]]):
         """The rank's sample ids in the order of `epoch`."""
         if not self.shuffle:
             return list(self.shard)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return [self.shard[i] for i in torch.randperm(len(self.shard), generator=generator).tolist()]
+        return [self.shard[i] for i in _epoch_permutation(len(self.shard), self.seed, epoch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.epoch_order(self.epoch)
