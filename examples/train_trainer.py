@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--tau", type=float, default=2.0)
     parser.add_argument("--dynamic", choices=["true", "false", "alpha", "tau"], default="false")
+    parser.add_argument("--teacher", choices=["previous_batch", "previous_visit"], default="previous_batch",
+                        help="DLB's previous batch (a step re-runs it), or each sample's previous visit (no re-run)")
     parser.add_argument("--save-weights", action="store_true")
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none); each process "
                         "saves its own ring there, dynsdpb_ring_rank{R}.pt")
@@ -143,7 +145,7 @@ def main(argv=None) -> None:
     )
     dynamic = {"true": True, "false": False}.get(options.dynamic, options.dynamic)
     loss_options = dict(alpha=options.alpha, tau=options.tau, dynamic=dynamic, capacity_rows=1024,
-                        teacher_dtype=torch.float32, fused_linear=options.fused_linear)
+                        teacher_dtype=torch.float32, fused_linear=options.fused_linear, teacher=options.teacher)
     callbacks = [WeightSnapshots(options.out)] if options.save_weights else []
     model = make_model(tokenizer.vocab_size)
     if options.trainer == "sft":

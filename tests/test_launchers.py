@@ -43,6 +43,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,39 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, OverlapBatchSampler  # noqa: E402
+from dynsdpb_kernels import DynSDPBLoss, FusedLinearDynSDPBLoss, OverlapBatchSampler, VisitBatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_trainer.py"
 # 48 samples: 6 batches per rank and epoch, so gradient accumulation 2 runs into the second epoch
 WORLD, MAX_STEPS, BATCH, SAMPLES, LR, ALPHA, TAU, SAVE_STEPS = 2, 4, 4, 48, 0.5, 10.0, 2.0, 2
 BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where the teachers come from, and the data and steps that exercise it."""
+
+    teacher: str = "previous_batch"
+    samples: int = SAMPLES
+    max_steps: int = MAX_STEPS
+
+    def sampler(self, rank: int):
+        order = VisitBatchSampler if self.teacher == "previous_visit" else OverlapBatchSampler
+        return order(self.samples, BATCH, seed=example.SEED, num_replicas=WORLD, rank=rank)
+
+    def teacher_counts(self, stream: list[list[int]]) -> list[int]:
+        """Teachers per micro-batch: DLB's carried samples (all but the first batch), or, for last-visit
+        teachers, every sample from the second epoch on."""
+        if self.teacher == "previous_batch":
+            return [0] + [BATCH] * (len(stream) - 1)
+        per_epoch = len(self.sampler(0))
+        return [0 if i < per_epoch else len(batch) for i, batch in enumerate(stream)]
+
+
+DLB = Setup()
+# last-visit teachers: 16 samples, 2 batches per rank and epoch, 6 steps = 3 epochs
+LAST_VISIT = Setup("previous_visit", samples=16, max_steps=6)
 
 
 def _load_example():
@@ -103,9 +130,10 @@ def test_readme_gives_the_launch_commands_these_tests_run():
         assert line.startswith(f"{command} examples/train_trainer.py --out run"), line
 
 
-def run_launch(launcher: str, trainer: str, fused_linear: bool, grad_accum: int, out: Path) -> list[dict]:
+def run_launch(launcher: str, trainer: str, fused_linear: bool, grad_accum: int, out: Path, setup: Setup = DLB) -> list[dict]:
     """Run the example under the launcher; returns the two ranks' records."""
-    arguments = ["--out", str(out), "--trainer", trainer, "--grad-accum", str(grad_accum), "--max-steps", str(MAX_STEPS), "--samples", str(SAMPLES),
+    arguments = ["--out", str(out), "--trainer", trainer, "--grad-accum", str(grad_accum), "--max-steps", str(setup.max_steps),
+                 "--samples", str(setup.samples), "--teacher", setup.teacher,
                  "--batch-size", str(BATCH), "--lr", str(LR), "--optim", "sgd", "--alpha", str(ALPHA), "--tau", str(TAU),
                  "--dynamic", "false", "--save-weights", "--save-steps", str(SAVE_STEPS)]
     if fused_linear:
@@ -118,11 +146,11 @@ def run_launch(launcher: str, trainer: str, fused_linear: bool, grad_accum: int,
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
-def expected_streams(n_batches: int) -> list[list[list[int]]]:
-    """Each rank's first n_batches batches of OverlapBatchSampler, epoch after epoch (as the Trainer sets them)."""
+def expected_streams(n_batches: int, setup: Setup = DLB) -> list[list[list[int]]]:
+    """Each rank's first n_batches batches of its sampler, epoch after epoch (as the Trainer sets them)."""
     streams = []
     for rank in range(WORLD):
-        sampler = OverlapBatchSampler(SAMPLES, BATCH, seed=example.SEED, num_replicas=WORLD, rank=rank)
+        sampler = setup.sampler(rank)
         batches, epoch = [], 0
         while len(batches) < n_batches:
             sampler.set_epoch(epoch)
@@ -145,9 +173,9 @@ def replay_step_losses(model, loss_fn, micro_batch: dict, fused_linear: bool) ->
     return loss_fn(logits, labels, sample_ids, num_items_in_batch=num_items)
 
 
-def make_loss(vocab_size: int, fused_linear: bool):
+def make_loss(vocab_size: int, fused_linear: bool, teacher: str = "previous_batch"):
     cls = FusedLinearDynSDPBLoss if fused_linear else DynSDPBLoss
-    return cls(vocab_size, alpha=ALPHA, tau=TAU, dynamic=False, capacity_rows=1024, teacher_dtype=torch.float32)
+    return cls(vocab_size, alpha=ALPHA, tau=TAU, dynamic=False, capacity_rows=1024, teacher_dtype=torch.float32, teacher=teacher)
 
 
 LAUNCHES = [
@@ -169,10 +197,19 @@ def test_launched_trainer_matches_a_single_process_replay(tmp_path, launcher, tr
     check_launch(tmp_path, records, launcher, fused_linear, grad_accum)
 
 
-def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bool, grad_accum: int) -> None:
+@pytest.mark.parametrize("launcher", ["torchrun"])
+def test_launched_previous_visit_teachers_match_a_replay(tmp_path, launcher):
+    """teacher="previous_visit" under DDP: VisitBatchSampler's fixed shards bring each sample back to the
+    rank whose ring holds it, so from the second epoch on every sample of every step has its teacher."""
+    records = run_launch(launcher, "trainer", False, 1, tmp_path, LAST_VISIT)
+    check_launch(tmp_path, records, launcher, False, 1, LAST_VISIT)
+
+
+def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bool, grad_accum: int, setup: Setup = DLB) -> None:
     """Every check of the module docstring on one launch's output folder."""
-    n_micro = MAX_STEPS * grad_accum
-    tokens = example.make_token_lists(SAMPLES)
+    max_steps, samples = setup.max_steps, setup.samples
+    n_micro = max_steps * grad_accum
+    tokens = example.make_token_lists(samples)
 
     # the launcher's configuration is the one that ran
     for record in records:
@@ -181,23 +218,24 @@ def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bo
     assert [record["rank"] for record in records] == list(range(WORLD))
 
     # every requested step on every rank, in DLB order with the expected teachers
-    streams = expected_streams(n_micro)
+    streams = expected_streams(n_micro, setup)
     for rank, record in enumerate(records):
         micro = record["micro_batches"]
-        assert record["global_step"] == MAX_STEPS
-        assert [m["step"] for m in micro] == [s for s in range(MAX_STEPS) for _ in range(grad_accum)]
+        assert record["global_step"] == max_steps
+        assert [m["step"] for m in micro] == [s for s in range(max_steps) for _ in range(grad_accum)]
         assert [m["sample_ids"] for m in micro] == streams[rank]
-        assert [m["teacher_samples"] for m in micro] == [0] + [BATCH] * (n_micro - 1)
+        assert [m["teacher_samples"] for m in micro] == setup.teacher_counts(streams[rank])
         for m in micro:
             for row, sample_id in enumerate(m["sample_ids"]):
                 n = len(tokens[sample_id])
                 assert m["input_ids"][row][:n] == tokens[sample_id] and sum(m["attention_mask"][row]) == n
                 assert m["labels"][row][:n] == tokens[sample_id] and set(m["labels"][row][n:]) <= {-100}
         logged = [entry for entry in record["log_history"] if "loss" in entry]
-        assert len(logged) == MAX_STEPS and all(entry["teacher_samples"] > 0 for entry in logged[1:])
-    first_epoch = SAMPLES // (WORLD * BATCH)  # batches of one epoch per rank
+        taught = [any(m["teacher_samples"] for m in micro if m["step"] == step) for step in range(max_steps)]
+        assert len(logged) == max_steps and [entry["teacher_samples"] > 0 for entry in logged] == taught
+    first_epoch = samples // (WORLD * BATCH)  # batches of one epoch per rank
     assert not {i for b in streams[0][:first_epoch] for i in b} & {i for b in streams[1][:first_epoch] for i in b}
-    for step in range(MAX_STEPS):
+    for step in range(max_steps):
         step_tokens = sum(len(tokens[i]) - 1 for record in records for m in record["micro_batches"]
                           if m["step"] == step for i in m["sample_ids"])
         assert all(m["num_items_in_batch"] == step_tokens for record in records for m in record["micro_batches"] if m["step"] == step)
@@ -209,9 +247,9 @@ def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bo
     # the replay: per-step weights, one ring per rank stream, gradient = mean over ranks
     model = example.make_model(example.hf_byte_tokenizer().vocab_size)
     vocab_size = model.config.vocab_size
-    loss_fns = [make_loss(vocab_size, fused_linear).train() for _ in range(WORLD)]
+    loss_fns = [make_loss(vocab_size, fused_linear, setup.teacher).train() for _ in range(WORLD)]
     margins = []
-    for step in range(MAX_STEPS):
+    for step in range(max_steps):
         weights = torch.load(out / f"weights_step{step}.pt", weights_only=True)
         after = torch.load(out / f"weights_step{step + 1}.pt", weights_only=True)
         model.load_state_dict(weights)
@@ -224,9 +262,9 @@ def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bo
                 assert float(loss.detach()) == pytest.approx(m["loss"], rel=1e-5, abs=1e-6), (rank, step, index)
                 assert int(stats.teacher_samples) == m["teacher_samples"]
                 assert float(stats.loss.distill) == pytest.approx(m["distill"], rel=1e-4, abs=1e-7)
-                if step > 0 and index == 0:  # the same call with no teacher: the distillation term is gone
+                if m["teacher_samples"] and index == 0:  # the same call with no teacher: the distillation term is gone
                     with torch.no_grad():
-                        empty = replay_step_losses(model, make_loss(vocab_size, fused_linear).train(), m, fused_linear)
+                        empty = replay_step_losses(model, make_loss(vocab_size, fused_linear, setup.teacher).train(), m, fused_linear)
                     margins.append(abs(float(empty) * WORLD - m["loss"]) / (1e-5 * abs(m["loss"]) + 1e-6))
                 total = total + loss
         (total / WORLD).backward()  # DDP: the mean of the ranks' gradients
