@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -122,6 +123,20 @@ def check_compiled_operator() -> bool:
     return ok
 
 
+ROOFLINE = Path(__file__).resolve().parent / "sass_roofline.csv"
+
+
+def predicted_floor_ms(device_name: str, case: str, vocab_size: int, n_rows: int) -> float | None:
+    """The static lower bound of bench/sass_roofline.csv (bfloat16, N = 16384) for `case` on this GPU
+    (H200, else H100 SXM), scaled to n_rows (every bound is linear in the rows); None where not tabled."""
+    gpu = "H200" if "H200" in device_name else "H100 SXM"
+    with open(ROOFLINE, newline="") as file:
+        for row in csv.DictReader(file):
+            if (row["case"], row["arch"], row["gpu"], row["V"]) == (case, "sm_90", gpu, str(vocab_size)):
+                return float(row["floor_ms"]) * n_rows / int(row["N"])
+    return None
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
@@ -135,10 +150,14 @@ def main() -> int:
         "cuda", repeats=10, csv_path=Path(__file__).resolve().parent / "results.csv",
     )
     run_head_grid(8192, 128256, 4096, "bfloat16", "cuda", ["ours", "ours-dense", "eager", "liger"], repeats=3)
-    print("\nshort table (forward+backward, N=4096): provider dtype V median_ms peak_MB bandwidth_GB/s")
+    print("\nshort table (forward+backward, N=4096): provider dtype V median_ms peak_MB bandwidth_GB/s "
+          "predicted_floor_ms (static SASS roofline of dynsdpb_loss(z, y, t), bfloat16; a prediction)")
     for r in results:
+        floor = None
+        if r.case.provider == "ours" and r.case.dtype == "bfloat16":
+            floor = predicted_floor_ms(torch.cuda.get_device_name(), "teachers-no-stats", r.case.vocab_size, 4096)
         print(f"{r.case.provider:>8} {r.case.dtype:>8} {r.case.vocab_size:>6} {1e3 * r.median_s:>9.2f} "
-              f"{r.peak_extra_bytes / 2**20:>8.0f} {r.bandwidth_gbs:>7.0f}")
+              f"{r.peak_extra_bytes / 2**20:>8.0f} {r.bandwidth_gbs:>7.0f} {'' if floor is None else f'{floor:9.2f}'}")
     return 0 if ok else 1
 
 

@@ -47,3 +47,18 @@ def test_triton_tests_build_cuda_tensors_on_a_cuda_host(backend):
     expected = "cuda" if CUDA and backend == "triton" else "cpu"
     assert torch.randn(3).device.type == expected
     assert backends.triton_interpreted() == (not CUDA)
+
+
+def test_predicted_floor_reads_the_roofline_table():
+    """gpu_check prints the static bound next to the measured time: the bound it reads is the table's,
+    scaled linearly in the rows."""
+    import csv
+
+    gpu_check = _load_script()
+    with open(gpu_check.ROOFLINE, newline="") as file:
+        row = next(r for r in csv.DictReader(file)
+                   if (r["case"], r["arch"], r["gpu"], r["V"]) == ("teachers-no-stats", "sm_90", "H200", "128256"))
+    floor = gpu_check.predicted_floor_ms("NVIDIA H200", "teachers-no-stats", 128256, 4096)
+    assert floor == pytest.approx(float(row["floor_ms"]) * 4096 / int(row["N"]))
+    assert gpu_check.predicted_floor_ms("NVIDIA H100 80GB HBM3", "teachers-no-stats", 128256, 4096) > floor  # slower HBM
+    assert gpu_check.predicted_floor_ms("NVIDIA H200", "no-such-case", 128256, 4096) is None
