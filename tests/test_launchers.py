@@ -277,3 +277,14 @@ def check_launch(out: Path, records: list[dict], launcher: str, fused_linear: bo
                 assert torch.equal(rings[rank]["entry_ids"], replayed["entry_ids"])
                 assert torch.equal(rings[rank]["head"], replayed["head"])
     assert min(margins) > 100, margins  # an empty ring would miss the loss by > 100 x the tolerance
+
+
+def test_gpu_fsdp_config_parses_as_fsdp2():
+    """examples/accelerate_fsdp_gpu.yaml is for GPUs (accelerate runs an FSDP config as DDP on the CPU, so it
+    is not launched here): accelerate reads it as a 2-process FSDP2 config wrapping each decoder layer."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "examples" / "accelerate_fsdp_gpu.yaml"))
+    assert str(config.distributed_type).endswith("FSDP") and config.num_processes == 2 and not config.use_cpu
+    assert config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
