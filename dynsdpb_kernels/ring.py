@@ -27,7 +27,8 @@ visit of a sample records it and the next visit, an epoch later, reads it. With 
 per epoch, fewer than 2 * S positions are written between two visits of one sample, S the rows of all
 samples (the rest of one epoch, the start of the next), so C >= 2 * S keeps every entry live until its
 next visit. The ring bounds S on the host, with no sync: a sample seen for the first time in a call of
-(B, T) rows adds T (>= its valid rows); the ids seen and the bound travel in the state_dict.
+(B, T) rows adds T (>= its valid rows); the ids seen and the bound travel in the state_dict. A growing
+ring doubles C when 2 S passes it (so the first epoch reallocates O(log S) times); a fixed one warns.
 
 Entry table. Every live entry holds at least one row and the live rows are C distinct positions, so at
 most C entries are live. The table is three (C,) int64 tensors on the ring's device, sorted by sample id:
@@ -138,10 +139,11 @@ class TeacherRing:
             (RuntimeWarning). True: C starts at capacity_rows and a call of more rows (B * T, padding
             included) than C raises C to them (one reallocation, every live entry kept), so the entries
             one call records are all live at the next call; load_state_dict then adopts the saved C.
-        keep_visits: with grow_capacity, also keep every sample's entry until its next visit an epoch
-            later (last-visit teachers, record_policy="all", each sample visited once per epoch):
-            C >= 2 * S, S the host-side bound of all samples' rows (module docstring). Costs a host set
-            of the sample ids seen (saved in the state_dict).
+        keep_visits: last-visit teachers (record_policy="all", each sample visited once per epoch): with
+            grow_capacity, C grows to keep every sample's entry until its next visit an epoch later,
+            C >= 2 * S, S the host-side bound of all samples' rows (module docstring), by doubling
+            (2 S <= C < 4 S); with a fixed capacity, a RuntimeWarning once 2 * S exceeds it. Costs a
+            host set of the sample ids seen (saved in the state_dict).
 
     Memory (`nbytes`, exact), with P = C + reserve:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
@@ -150,7 +152,8 @@ class TeacherRing:
     triples; head), independent of how many distinct sample ids were seen and of their magnitude. With
     grow_capacity, C and the reserve are each the rows of the largest call so far (if larger than
     their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made. With keep_visits, C is
-    2 * S = 2 * (sum over the samples seen of T at their first visit), and the reserve max(B * T).
+    between 2 * S and 4 * S (grown by doubling), S = the sum over the samples seen of T at their first
+    visit, and the reserve max(B * T). A state_dict holds the reserve, so a resumed ring has the same P.
     """
 
     def __init__(
@@ -367,6 +370,7 @@ class TeacherRing:
             "entry_start": self._start[:n_entries].cpu(),
             "entry_length": self._length[:n_entries].cpu(),
             "head": self._head.cpu(),
+            "reserve_rows": self._reserve,
             **({"visited_ids": torch.tensor(sorted(self._visited), dtype=torch.int64),
                 "visit_rows": self._visit_rows} if self.keep_visits else {}),
         }
@@ -386,6 +390,7 @@ class TeacherRing:
                 "(a ring with grow_capacity=True takes the saved capacity)"
             )
         check_positive_int("state_dict capacity_rows", capacity)
+        check_positive_int("state_dict reserve_rows", state.get("reserve_rows", 1))
         if state["dtype"] != str(self.dtype).removeprefix("torch."):
             raise ValueError(f"state_dict has dtype {state['dtype']} but this ring stores {self.dtype}")
         if (state.get("storage", "dense"), state.get("k", self.vocab_size)) != (self.storage, self.topk):
@@ -405,7 +410,9 @@ class TeacherRing:
         # everything fits: rebuild the ring
         if self.grow_capacity:
             self.capacity_rows = capacity
-            if self._reserve_follows_capacity:
+            if "reserve_rows" in state:  # the saved layout: a resumed ring holds what the saved one held
+                self._reserve = int(state["reserve_rows"])
+            elif self._reserve_follows_capacity:
                 self._reserve = capacity
         self._head = torch.tensor(head, dtype=torch.int64)
         self._allocate(self.device or torch.device("cpu"))
@@ -466,8 +473,10 @@ class TeacherRing:
         if self.keep_visits:
             first_visits = tuple(i for i in ids_host.tolist() if i not in self._visited)
             visit_rows += len(first_visits) * valid.shape[1]  # T >= a sample's valid rows
-            if self.grow_capacity:
-                capacity = max(capacity, 2 * visit_rows)  # fewer than 2 S positions pass between two visits
+            if self.grow_capacity and 2 * visit_rows > capacity:
+                # fewer than 2 S positions pass between two visits; doubling keeps the first epoch's
+                # reallocations (each copies the live rows) to O(log S)
+                capacity = max(2 * visit_rows, 2 * capacity)
         reserve = max(self._reserve, n_rows)
         if (capacity, reserve) == (self.capacity_rows, self._reserve):
             layout = self._layout()
@@ -549,6 +558,17 @@ class TeacherRing:
         self._generation += 1
         self._visited.update(lookup.first_visits)
         self._visit_rows = lookup.visit_rows
+        if self.keep_visits and not self.grow_capacity and not self._warned_eviction and 2 * self._visit_rows > capacity:
+            self._warned_eviction = True
+            warnings.warn(
+                f"TeacherRing: the samples seen so far may hold up to {self._visit_rows} rows, and last-visit "
+                f"teachers need capacity_rows >= {2 * self._visit_rows} (two epochs of rows pass between two visits "
+                f"of a sample), but capacity_rows={capacity}: samples will find their previous visit evicted and "
+                "train on cross-entropy alone (DistillStats.teacher_misses). Leave capacity_rows=None for a ring "
+                "that grows as needed. (Warned once per ring.)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not self.grow_capacity and not self._warned_eviction and lookup.teacher_index.numel() > capacity:
             recorded = int(lookup.recorded_rows)
             if recorded > capacity:

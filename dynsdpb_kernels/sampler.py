@@ -155,8 +155,11 @@ class VisitBatchSampler(Sampler[list[int]]):
     visit, one epoch earlier, so no sample is run twice in a step.
 
     Under distributed training a sample must come back to the rank that holds its teacher, so the shards
-    are fixed: rank r owns the ids r, r + R, r + 2R, ... < n (the first n mod R ranks own one more), for
-    every epoch; only the order within a shard changes, torch.randperm with generator seed (seed, epoch).
+    are fixed: rank r owns the ids r, r + R, r + 2R, ... < n - (n mod R) (every rank the same number of
+    samples, so all ranks take the same steps; the last n mod R ids are never trained), for every epoch;
+    only the order within a shard changes, torch.randperm with generator seed (seed, epoch). With drop_last
+    the same samples are left out every epoch (the shard's last len(shard) mod batch_size), so every sample
+    trained is visited once per epoch, as the last-visit ring assumes.
     (A DistributedSampler reshuffles the whole dataset across ranks each epoch: a sample's teacher would
     then be on another rank's ring.)
 
@@ -192,15 +195,16 @@ class VisitBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.shard = list(range(rank, data_len, num_replicas))
+        self.shard = list(range(rank, data_len - data_len % num_replicas, num_replicas))
+        if drop_last:
+            self.shard = self.shard[: len(self.shard) // batch_size * batch_size]
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.shard), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return -(-len(self.shard) // self.batch_size)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The rank's sample ids in the order of `epoch`."""

@@ -144,7 +144,10 @@ def main(argv=None) -> None:
         report_to=[], use_cpu=True, seed=SEED, disable_tqdm=True, dataloader_num_workers=0,
     )
     dynamic = {"true": True, "false": False}.get(options.dynamic, options.dynamic)
-    loss_options = dict(alpha=options.alpha, tau=options.tau, dynamic=dynamic, capacity_rows=1024,
+    # a fixed ring for DLB's teachers (two calls of rows); last-visit teachers need the whole shard's rows
+    # (twice), which the default ring (capacity_rows=None) grows to by itself
+    capacity_rows = None if options.teacher == "previous_visit" else 1024
+    loss_options = dict(alpha=options.alpha, tau=options.tau, dynamic=dynamic, capacity_rows=capacity_rows,
                         teacher_dtype=torch.float32, fused_linear=options.fused_linear, teacher=options.teacher)
     callbacks = [WeightSnapshots(options.out)] if options.save_weights else []
     model = make_model(tokenizer.vocab_size)

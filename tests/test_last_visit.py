@@ -65,9 +65,13 @@ def test_each_sample_is_taught_by_its_previous_visit(backend):
     assert counts[:per_epoch] == [0] * per_epoch  # the first epoch has no teachers
     sizes = [len(b) for b in VisitBatchSampler(N_SAMPLES, 4)]
     assert counts[per_epoch:] == sizes * 2  # afterwards every sample has one, every epoch: none is evicted
-    # the ring grew to its documented size: C = 2 * S, S = the sum of T at each sample's first visit
-    assert module.ring.capacity_rows <= 2 * N_SAMPLES * max(LENGTHS)
-    assert module.ring.capacity_rows >= 2 * sum(LENGTHS)
+    # the ring grew to its documented size: 2 S <= C < 4 S, S = the sum over the samples of T (their
+    # batch's longest sample) at their first visit; the reserve is the largest call's rows
+    first_epoch = list(VisitBatchSampler(N_SAMPLES, 4, seed=7))
+    widths = [max(LENGTHS[i] for i in ids) for ids in first_epoch]
+    bound = sum(len(ids) * width for ids, width in zip(first_epoch, widths))
+    assert 2 * bound <= module.ring.capacity_rows < 4 * bound
+    assert module.ring.physical_rows - module.ring.capacity_rows == 4 * max(LENGTHS)  # (seed 7: some call is 4 samples x 7 rows)
 
 
 def test_previous_batch_mode_forgets_after_one_step():
@@ -122,9 +126,18 @@ def test_resume_mid_training_gives_the_same_losses():
     capacity = straight.ring.capacity_rows
     resumed = DynSDPBLoss(VOCAB, **options)
     resumed.load_state_dict(state)
+    assert resumed.ring.physical_rows == straight.ring.physical_rows and resumed.ring.nbytes == straight.ring.nbytes
     assert losses(resumed, 2, 2) == losses(straight, 2, 2)
     # the seen ids travel with the state: no sample counts as new again, so the ring does not grow
     assert resumed.ring.capacity_rows == straight.ring.capacity_rows == capacity
+    assert resumed.ring.nbytes == straight.ring.nbytes
+
+
+def test_a_fixed_capacity_too_small_for_last_visits_warns():
+    module = DynSDPBLoss(VOCAB, teacher="previous_visit", capacity_rows=40, backend="reference", **OPTIONS)
+    with pytest.warns(RuntimeWarning, match=r"capacity_rows >= \d+"):
+        counts = _run_epochs(module, 2, check=False)
+    assert sum(counts) < N_SAMPLES  # and teachers are indeed lost (what the warning says)
 
 
 def test_bad_teacher_options_are_named():

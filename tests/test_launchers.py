@@ -175,7 +175,9 @@ def replay_step_losses(model, loss_fn, micro_batch: dict, fused_linear: bool) ->
 
 def make_loss(vocab_size: int, fused_linear: bool, teacher: str = "previous_batch"):
     cls = FusedLinearDynSDPBLoss if fused_linear else DynSDPBLoss
-    return cls(vocab_size, alpha=ALPHA, tau=TAU, dynamic=False, capacity_rows=1024, teacher_dtype=torch.float32, teacher=teacher)
+    capacity_rows = None if teacher == "previous_visit" else 1024  # as the example
+    return cls(vocab_size, alpha=ALPHA, tau=TAU, dynamic=False, capacity_rows=capacity_rows, teacher_dtype=torch.float32,
+               teacher=teacher)
 
 
 LAUNCHES = [

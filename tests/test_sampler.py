@@ -103,31 +103,34 @@ def test_dataloader_passes_sample_ids_without_touching_items():
     assert ids.tolist() == [0, 1] and values.tolist() == [0.0, 1.0]
 
 
-@pytest.mark.parametrize(("n", "batch_size", "replicas", "drop_last"), [(10, 3, 1, False), (10, 3, 1, True), (11, 2, 3, False), (11, 2, 3, True)])
+@pytest.mark.parametrize(("n", "batch_size", "replicas", "drop_last"), [(10, 3, 1, False), (10, 3, 1, True), (11, 2, 3, False), (11, 2, 3, True), (10, 1, 3, False), (9, 4, 2, False)])
 def test_visit_sampler_keeps_each_sample_on_its_rank(n, batch_size, replicas, drop_last):
     """Every epoch, each rank sees exactly its fixed shard (once each), reshuffled; the ranks' shards are
     disjoint and cover the dataset, so a sample always comes back to the ring that holds its teacher."""
     from dynsdpb_kernels import VisitBatchSampler
 
-    shards = []
+    shards, lengths = [], []
     for rank in range(replicas):
         sampler = VisitBatchSampler(n, batch_size, drop_last=drop_last, seed=5, num_replicas=replicas, rank=rank)
         epochs = _epochs(sampler, 3)
-        shard = set(range(rank, n, replicas))
+        shard = set(range(rank, n - n % replicas, replicas))
+        lengths.append(len(sampler))
         for epoch in epochs:
             assert len(epoch) == len(sampler)
             seen = [i for batch in epoch for i in batch]
             assert len(seen) == len(set(seen))
             assert all(1 <= len(b) <= batch_size for b in epoch)
-            if drop_last:
+            if drop_last:  # the same samples left out every epoch
                 assert set(seen) <= shard and len(seen) == len(shard) // batch_size * batch_size
+                assert set(seen) == {i for b in epochs[0] for i in b}
             else:
                 assert set(seen) == shard
         assert epochs[0] != epochs[1] or len(shard) == 1  # reshuffled within the shard
         again = VisitBatchSampler(n, batch_size, drop_last=drop_last, seed=5, num_replicas=replicas, rank=rank)
         assert _epochs(again, 3) == epochs  # a pure function of (seed, epoch, rank): resume sees the same
         shards.append(shard)
-    assert set().union(*shards) == set(range(n)) and sum(map(len, shards)) == n
+    assert set().union(*shards) == set(range(n - n % replicas)) and sum(map(len, shards)) == n - n % replicas
+    assert len(set(lengths)) == 1, lengths  # every rank takes the same steps (DDP's all-reduce pairs them)
 
 
 def test_visit_sampler_rejects_bad_arguments():

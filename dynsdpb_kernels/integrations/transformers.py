@@ -346,9 +346,10 @@ class DynSDPBTrainerMixin:
 
 class DynSDPBTrainer(DynSDPBTrainerMixin, Trainer):
     """transformers.Trainer whose training loss is DynSDPB (cross-entropy + self-distillation from the
-    previous mini-batch), see DynSDPBLoss for the formula and DynSDPBTrainerMixin for the options
-    (dynsdpb_loss, alpha, tau, dynamic, capacity_rows, teacher_dtype, fused_linear, teacher_storage, topk)
-    and for what it changes in the Trainer."""
+    previous mini-batch, or with teacher="previous_visit" from each sample's previous visit), see
+    DynSDPBLoss for the formula and DynSDPBTrainerMixin for the options (dynsdpb_loss, alpha, tau,
+    dynamic, capacity_rows, teacher_dtype, fused_linear, teacher_storage, topk, teacher) and for what it
+    changes in the Trainer."""
 
 
 def _is_hf_dataset(dataset: object) -> bool:
