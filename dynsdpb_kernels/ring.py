@@ -377,8 +377,8 @@ class TeacherRing:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state_dict. vocab_size, dtype and storage (and k) must match this ring's; so must
-        capacity_rows, unless the ring grows (grow_capacity), which takes the saved capacity (and, with the
-        default reserve, a reserve of that many rows). Also reads the earlier format whose `start` /
+        capacity_rows, unless the ring grows (grow_capacity), which takes the saved capacity. The saved
+        reserve is restored (a state_dict without one: a growing ring with the default reserve takes C). Also reads the earlier format whose `start` /
         `length` tables were indexed by sample id. Everything is checked before anything changes: a
         state_dict that does not fit raises ValueError naming the field and leaves the ring as it was."""
         if state["vocab_size"] != self.vocab_size:
@@ -410,10 +410,10 @@ class TeacherRing:
         # everything fits: rebuild the ring
         if self.grow_capacity:
             self.capacity_rows = capacity
-            if "reserve_rows" in state:  # the saved layout: a resumed ring holds what the saved one held
-                self._reserve = int(state["reserve_rows"])
-            elif self._reserve_follows_capacity:
-                self._reserve = capacity
+        if "reserve_rows" in state:  # the saved layout: a resumed ring holds what the saved one held
+            self._reserve = int(state["reserve_rows"])
+        elif self.grow_capacity and self._reserve_follows_capacity:
+            self._reserve = capacity
         self._head = torch.tensor(head, dtype=torch.int64)
         self._allocate(self.device or torch.device("cpu"))
         slots = self._live_positions() % self.physical_rows
