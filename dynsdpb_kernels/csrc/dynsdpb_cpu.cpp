@@ -22,7 +22,10 @@
 //   dense teacher, stored (u, d) stats         3            6      z, z/tau, t/tau; pass C again
 //   dense teacher, stats from the row          4            7      plus t at temperature 1 for (u, d)
 //   top-k teacher (stats always stored)        2            4      z, z/tau
-// The ring passes stored statistics, so training runs the 3 / 6 row.
+// The ring passes stored statistics, so training runs the 3 / 6 row. A row recorded into a top-k ring adds
+// one exponential per element (sum_j exp((z_j - max) / tau_rec) for its tail mass: in pass A with a fixed
+// tau, in pass C with a dynamic one, in a pass of its own when no gradient is computed) and one vector
+// compare per vector for the selection of its k largest logits (TopkSelector), no extra pass otherwise.
 //
 // Final-logit softcapping (softcap = c > 0; 0 is off and takes none of the code below): each student block
 // is replaced on load by z' = c tanh(z / c) (Sleef's tanh through at::vec, NaN for a non-finite z), so
@@ -417,7 +420,9 @@ struct Scratch {
 // output buffer (ignored unless compute_grad; it may be the logits themselves), row_terms (N, 5) and
 // student_stats (N, 2) are filled. record_index / ring_rows / ring_stats are rows.py's RowRecord (all
 // three or none); teacher_support (R, k) makes teacher_rows (R, k) top-k teachers whose KL is taken over
-// their support. `block`: elements per block of the streamed passes (any positive number).
+// their support. record_topk_values (P, k) / record_topk_support (P, k) int64 / record_topk_tail (P,) float32:
+// a top-k ring's TopkRecord (all three or none, with record_index and ring_stats), written for every
+// recorded row instead of ring_rows. `block`: elements per block of the streamed passes (any positive number).
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic_alpha, bool dynamic_tau,
