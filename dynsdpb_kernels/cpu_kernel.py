@@ -98,7 +98,7 @@ def cpu_fused_rows(
     teacher_tail: torch.Tensor | None = None,
 ) -> FusedRows:
     """Run the C++ kernel on CPU tensors; arguments and results follow contract.py (`record`: the fused ring write,
-    a top-k record's values, ids and tail mass included: see RECORDS_TOPK)."""
+    a top-k record's values, ids and tail mass included: backends.RECORDS_TOPK)."""
     n_rows, _ = logits.shape
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32)
