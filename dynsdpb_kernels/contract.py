@@ -37,8 +37,12 @@ row's logits, rounded to nearest-even into the ring's dtype, to record.ring_logi
 the row's (u, d) to record.stats[record.index[n]], while it streams the row for the loss anyway: no extra
 read of the logits and no extra launch. The caller guarantees that recorded slots are distinct and
 disjoint from every slot read through teacher_index in the same call (ring.py reserves them). A top-k
-ring's values, ids and tail mass (record.topk, a TopkRecord) are written by loss.fused_loss before the
-kernel runs, not by the kernel.
+ring's values, ids and tail mass (record.topk, a TopkRecord) are written by the C++ kernel in the same
+pass (it selects the row's k largest logits while it streams the row, value descending, ties to the lower
+index; the tail mass's sum at tau_rec rides in the gradient pass) and, for the backends outside
+backends.RECORDS_TOPK, by loss.write_topk_record before the kernel runs (torch.topk's order and ties), with
+no host synchronisation either way. tau_rec is the temperature the loss gives the row when it teaches:
+1 + (tau - 1) d from the row's own d with a dynamic tau, else tau.
 
 Final-logit softcapping (config.softcap = c, None for off; Gemma 2 / 3's final_logit_softcapping): the
 student logits are replaced on load by z' = c tanh(z / c) (softcapped below), before everything else,
@@ -158,7 +162,7 @@ class Teachers:
 
 @dataclass(frozen=True)
 class TopkRecord:
-    """A top-k teacher ring's storage, filled for every recorded row by loss.fused_loss before the kernel.
+    """A top-k teacher ring's storage, filled for every recorded row by the kernel or loss.write_topk_record.
 
     values:  (P, k) the k largest logits of each recorded row, in the ring's dtype.
     support: (P, k) int64, their vocabulary ids.

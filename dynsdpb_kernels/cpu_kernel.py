@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, TopkRecord, gradient_buffer, row_terms_dtype
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dynsdpb_cpu.cpp"
 # The kernel reads these dtypes directly; a teacher in any other float dtype is converted first.
@@ -72,6 +72,17 @@ def build_info() -> dict[str, str | int]:
     return {"isa": cpu_isa(), "extension": module.__name__, "path": str(module.__file__), "vector_lanes": module.vector_lanes()}
 
 
+def check_topk_record(topk: TopkRecord) -> None:
+    """The layout the kernel writes a TopkRecord into: values (P, k) float32 / bfloat16 / float16 / float64 and
+    support (P, k) int64 with unit stride along k, tail (P,) contiguous float32."""
+    if topk.values.dtype not in NATIVE_DTYPES or topk.values.stride(-1) != 1:
+        raise ValueError(f"record.topk.values must be (P, k) of {NATIVE_DTYPES} with unit stride, got {topk.values.dtype}")
+    if topk.support.dtype != torch.int64 or topk.support.stride(-1) != 1 or topk.support.shape != topk.values.shape:
+        raise ValueError(f"record.topk.support must be (P, k) int64 like the values, got {topk.support.dtype} {tuple(topk.support.shape)}")
+    if topk.tail.dtype != torch.float32 or not topk.tail.is_contiguous():
+        raise ValueError(f"record.topk.tail must be (P,) contiguous float32, got {topk.tail.dtype}")
+
+
 def cpu_fused_rows(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -86,13 +97,17 @@ def cpu_fused_rows(
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
 ) -> FusedRows:
-    """Run the C++ kernel on CPU tensors; arguments and results follow contract.py (`record`: the fused ring write)."""
+    """Run the C++ kernel on CPU tensors; arguments and results follow contract.py (`record`: the fused ring write,
+    a top-k record's values, ids and tail mass included: backends.RECORDS_TOPK)."""
     n_rows, _ = logits.shape
     row_terms = torch.empty(n_rows, N_ROW_TERMS, dtype=torch.float32)
     student_stats = torch.empty(n_rows, 2, dtype=torch.float32)
     grad = gradient_buffer(logits, compute_grad, grad_out)
     if teacher_rows is not None and teacher_rows.dtype not in NATIVE_DTYPES:
         teacher_rows = teacher_rows.float()
+    topk = record.topk if record is not None else None  # a top-k ring: the kernel selects and writes it
+    if topk is not None:
+        check_topk_record(topk)
     if n_rows:
         load_extension().fused_rows(
             logits,
@@ -116,6 +131,9 @@ def cpu_fused_rows(
             record.stats if record is not None else None,
             teacher_support.contiguous() if teacher_support is not None else None,
             teacher_tail.float().contiguous() if teacher_tail is not None else None,
+            topk.values if topk is not None else None,
+            topk.support if topk is not None else None,
+            topk.tail if topk is not None else None,
             BLOCK_V,
         )
     return FusedRows(row_terms=row_terms.to(row_terms_dtype(logits.dtype)), student_stats=student_stats, grad=grad)

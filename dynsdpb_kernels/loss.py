@@ -100,21 +100,41 @@ def as_rows(tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return rows.contiguous() if rows.numel() and rows.stride(1) != 1 else rows
 
 
+TOPK_RECORD_PART = 128  # rows per part of write_topk_record: a (128, V) float32 copy at a time
+
+
 def write_topk_record(logits: torch.Tensor, record: RowRecord, config: DistillConfig) -> None:
-    """Fill record.topk for the recorded rows of `logits` (N, V): their k largest logits, their ids and
-    their mass outside them at the temperature tau_r that `config` gives the row (the kernel writes the
-    (u, d)). Reads the recorded rows once more, 128 at a time; call it before the logits are overwritten.
-    With config.softcap the rows are capped first, as the kernel caps them (contract.py)."""
+    """Fill record.topk for the recorded rows of `logits` (N, V) (record.index[n] >= 0): their k largest
+    logits (torch.topk's order, its ties), their ids and their mass outside them at the temperature tau_r
+    that `config` gives the row, m = 1 - sum_topk softmax(z / tau_r) (the kernel writes the (u, d)). For
+    the backends whose kernel does not record top-k itself (backends.RECORDS_TOPK); call it before the
+    logits are overwritten. With config.softcap the rows are capped first, as the kernel caps them.
+
+    No host synchronisation: every row is processed, TOPK_RECORD_PART at a time, and the unrecorded ones are
+    masked out of the scatter on the device (_scatter_rows), so the recorded rows are never counted."""
     topk = record.topk
     assert topk is not None
-    recorded = (record.index >= 0).nonzero().squeeze(1)
-    for part in recorded.split(128):
-        recorded_logits = softcapped(logits.index_select(0, part).float(), config.softcap)
-        values, ids = recorded_logits.topk(topk.values.shape[1], dim=-1)
-        slots = record.index.index_select(0, part)
-        topk.values[slots] = values.to(topk.values.dtype)
-        topk.support[slots] = ids
-        topk.tail[slots] = _tail_mass(recorded_logits, values, config)
+    k = topk.values.shape[1]
+    for start in range(0, logits.shape[0], TOPK_RECORD_PART):
+        part = slice(start, start + TOPK_RECORD_PART)
+        rows = softcapped(logits[part].float(), config.softcap)
+        values, ids = rows.topk(k, dim=-1)
+        tail = _tail_mass(rows, values, config)
+        slots = record.index[part]
+        valid = slots >= 0
+        for storage, new in ((topk.values, values.to(topk.values.dtype)), (topk.support, ids), (topk.tail, tail)):
+            _scatter_rows(storage, slots, valid, new)
+
+
+def _scatter_rows(storage: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, new: torch.Tensor) -> None:
+    """storage[slots[n]] = new[n] for every n with valid[n], without a host synchronisation: the other rows
+    write slot 0 with the value slot 0 ends up with (the new row of the valid n that writes it, if any, else
+    its current one), so that every duplicate of slot 0 writes the same thing and the result is
+    deterministic. storage (P, ...), slots / valid (n,), new (n, ...) in storage's dtype; valid slots distinct."""
+    lanes = (-1,) + (1,) * (new.dim() - 1)
+    writes_first = valid & (slots == 0)
+    first = torch.where(writes_first.any(), new.index_select(0, writes_first.int().argmax().view(1)), storage[:1])
+    storage.index_put_((torch.where(valid, slots, 0),), torch.where(valid.view(lanes), new, first))
 
 
 def fused_loss(
@@ -135,7 +155,7 @@ def fused_loss(
     Returns (loss, rows): loss is a 0-d float32 tensor (float64 for float64 logits), or (N,) for
     reduction="none"; rows.grad is the gradient of that loss (of its sum for "none") when
     compute_grad is set. `record` copies the rows into a teacher ring in the same pass (contract.py; a
-    top-k record is filled here, before the kernel).
+    top-k record is written by the kernel where it can, backends.RECORDS_TOPK, else here, before the kernel).
     `grad_scale` (2,) overrides the (ce, distill) weights that reduction="mean" derives from the
     row counts: loss = ce_scale * sum_valid ce_r + distill_scale * sum_distilled distill_r.
     `teacher_support` (R, k) makes teacher_rows top-k teachers, `teacher_tail` (R,) their mass outside
@@ -167,8 +187,8 @@ def fused_loss(
                 logits=logits, teacher_rows=teacher_rows, teacher_index=teacher_index,
             )
 
-    if record is not None and record.topk is not None:  # a top-k ring: before the logits can be overwritten
-        write_topk_record(logits.detach(), record, config)
+    if record is not None and record.topk is not None and not ops.records_topk(options.backend, logits.device):
+        write_topk_record(logits.detach(), record, config)  # before the logits can be overwritten
     rows = ops.fused_rows(
         logits,
         labels,

@@ -4,7 +4,8 @@ One schema serves every backend:
 
     dynsdpb::fused_rows(logits, labels, teacher_rows?, teacher_index?, teacher_stats?, teacher_support?,
                         teacher_tail?, grad_scale, grad_out(a!)?, record_index?, record_rows(b!)?,
-                        record_stats(c!)?, alpha, tau, dynamic_alpha, dynamic_tau, ignore_index,
+                        record_stats(c!)?, record_topk_values(d!)?, record_topk_support(e!)?,
+                        record_topk_tail(f!)?, alpha, tau, dynamic_alpha, dynamic_tau, ignore_index,
                         softcap?, compute_grad, backend)
         -> (row_terms (N, 5), student_stats (N, 2), grad (N, V) or (0,))
 
@@ -26,10 +27,10 @@ import inspect
 import torch
 from torch import Tensor
 
-from .backends import resolve_backend, row_kernel, triton_interpreted
-from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .backends import RECORDS_TOPK, resolve_backend, row_kernel, triton_interpreted
+from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, TopkRecord, gradient_buffer, row_terms_dtype
 
-MUTATED = ("grad_out", "record_rows", "record_stats")
+MUTATED = ("grad_out", "record_rows", "record_stats", "record_topk_values", "record_topk_support", "record_topk_tail")
 
 
 def _run_row_kernel(
@@ -45,6 +46,9 @@ def _run_row_kernel(
     record_index: Tensor | None,
     record_rows: Tensor | None,
     record_stats: Tensor | None,
+    record_topk_values: Tensor | None,
+    record_topk_support: Tensor | None,
+    record_topk_tail: Tensor | None,
     alpha: float,
     tau: float,
     dynamic_alpha: bool,
@@ -57,7 +61,11 @@ def _run_row_kernel(
     """Both operators' body: unpack the flat schema into the Python contract and run `backend`'s kernel."""
     dynamic = DistillConfig.dynamic_mode(dynamic_alpha, dynamic_tau)
     config = DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap)
-    record = RowRecord(record_index, record_rows, record_stats) if record_index is not None else None
+    topk = None
+    if record_topk_values is not None:
+        assert record_topk_support is not None and record_topk_tail is not None
+        topk = TopkRecord(record_topk_values, record_topk_support, record_topk_tail)
+    record = RowRecord(record_index, record_rows, record_stats, topk) if record_index is not None else None
     rows = row_kernel(backend, logits.device)(
         logits,
         labels,
@@ -109,6 +117,11 @@ _resolve_backend = torch.compiler.assume_constant_result(resolve_backend)
 _triton_interpreted = torch.compiler.assume_constant_result(triton_interpreted)
 
 
+def records_topk(backend: str, device: torch.device) -> bool:
+    """Whether `backend` on `device` writes a top-k record (RowRecord.topk) itself, inside its kernel."""
+    return _resolve_backend(backend, device) in RECORDS_TOPK
+
+
 def fused_rows(
     logits: Tensor,
     labels: Tensor,
@@ -131,6 +144,8 @@ def fused_rows(
     # inside the opaque operator instead (the same launcher, the same results).
     traceable_triton = name == "triton" and not _triton_interpreted()
     op = torch.ops.dynsdpb.triton_fused_rows if traceable_triton else torch.ops.dynsdpb.fused_rows
+    topk = record.topk if record is not None and name in RECORDS_TOPK else None  # others: loss.write_topk_record
+    topk_storage = (topk.values, topk.support, topk.tail) if topk is not None else (None, None, None)
     row_terms, student_stats, grad = op(
         logits,
         labels,
@@ -144,6 +159,7 @@ def fused_rows(
         record.index if record is not None else None,
         record.ring_logits if record is not None else None,
         record.stats if record is not None else None,
+        *topk_storage,
         float(config.alpha),
         float(config.tau),
         config.dynamic_alpha,

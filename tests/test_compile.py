@@ -95,16 +95,20 @@ def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=Fals
         teacher_rows = torch.randn(N_ROWS + 2, VOCAB).to(dtype)
         teacher_index = torch.randint(-1, N_ROWS + 2, (N_ROWS,))
     record_index = record_rows = record_stats = None
-    if record:
+    topk_storage = (None, None, None)
+    if record:  # True: a dense ring's record, "topk": a top-k ring's (k = 4)
         record_index = torch.full((N_ROWS,), -1)
         record_index[::2] = torch.arange(0, N_ROWS, 2)
-        record_rows = torch.zeros(N_ROWS, VOCAB, dtype=torch.bfloat16)
         record_stats = torch.zeros(N_ROWS, 2)
+        if record == "topk":
+            topk_storage = (torch.zeros(N_ROWS, 4, dtype=torch.bfloat16), torch.zeros(N_ROWS, 4, dtype=torch.int64), torch.zeros(N_ROWS))
+        else:
+            record_rows = torch.zeros(N_ROWS, VOCAB, dtype=torch.bfloat16)
     grad_scale = torch.tensor([1 / N_ROWS, 1 / N_ROWS])
     grad_buffer = torch.empty_like(logits) if grad_out else None
     return (
         logits, labels, teacher_rows, teacher_index, None, None, None, grad_scale, grad_buffer,
-        record_index, record_rows, record_stats, 1.5, 2.0, *dynamic, -100, softcap, compute_grad, backend,
+        record_index, record_rows, record_stats, *topk_storage, 1.5, 2.0, *dynamic, -100, softcap, compute_grad, backend,
     )  # fmt: skip
 
 
@@ -120,8 +124,9 @@ def op_arguments(backend, dtype, *, teacher, record, compute_grad, grad_out=Fals
         dict(teacher=True, record=False, compute_grad=True, dynamic=(True, False)),
         dict(teacher=True, record=False, compute_grad=True, dynamic=(False, True)),
         dict(teacher=True, record=False, compute_grad=True, dynamic=(False, False)),
+        dict(teacher=True, record="topk", compute_grad=True),
     ],
-    ids=["ce-forward", "teacher-grad", "record", "grad-out", "softcap", "alpha-only", "tau-only", "fixed"],
+    ids=["ce-forward", "teacher-grad", "record", "grad-out", "softcap", "alpha-only", "tau-only", "fixed", "record-topk"],
 )
 def test_opcheck(backend, case):
     for dtype in (torch.float32, torch.bfloat16):

@@ -22,7 +22,10 @@
 //   dense teacher, stored (u, d) stats         3            6      z, z/tau, t/tau; pass C again
 //   dense teacher, stats from the row          4            7      plus t at temperature 1 for (u, d)
 //   top-k teacher (stats always stored)        2            4      z, z/tau
-// The ring passes stored statistics, so training runs the 3 / 6 row.
+// The ring passes stored statistics, so training runs the 3 / 6 row. A row recorded into a top-k ring adds
+// one exponential per element (sum_j exp((z_j - max) / tau_rec) for its tail mass: in pass A with a fixed
+// tau, in pass C with a dynamic one, in a pass of its own when no gradient is computed) and one vector
+// compare per vector for the selection of its k largest logits (TopkSelector), no extra pass otherwise.
 //
 // Final-logit softcapping (softcap = c > 0; 0 is off and takes none of the code below): each student block
 // is replaced on load by z' = c tanh(z / c) (Sleef's tanh through at::vec, NaN for a non-finite z), so
@@ -317,15 +320,98 @@ void gradient_block(const float* z, const float* t, int64_t n, const GradientWei
   });
 }
 
+// The k largest values of a row streamed block by block (the top-k ring record), ordered by value, ties
+// to the lower index: a min-heap of k candidates whose root, the worst kept (smallest value, highest index
+// among equals), is the admission threshold. Once k are held, a vector costs one compare against the
+// broadcast threshold; only lanes above it are inserted, one by one. Since indices arrive in increasing
+// order, an element equal to the threshold never displaces a kept one: among equal values the lower
+// indices win, so the kept set and its order (value descending, index ascending) are deterministic.
+// (torch.topk on CPU breaks ties in no fixed order.) A NaN never passes the compare; a row holding one is
+// reported by validate and its record is unspecified.
+struct TopkSelector {
+  explicit TopkSelector(int64_t k) : k(k), value(k), id(k), order(k) {}
+  int64_t k;
+  int64_t count = 0;
+  std::vector<float> value;
+  std::vector<int64_t> id;
+  std::vector<int64_t> order;
+
+  // a ranks below b
+  bool worse(int64_t a, int64_t b) const { return value[a] < value[b] || (value[a] == value[b] && id[a] > id[b]); }
+
+  void sift_down(int64_t at) {
+    for (;;) {
+      const int64_t left = 2 * at + 1, right = left + 1;
+      int64_t smallest = at;
+      if (left < count && worse(left, smallest)) smallest = left;
+      if (right < count && worse(right, smallest)) smallest = right;
+      if (smallest == at) return;
+      std::swap(value[at], value[smallest]);
+      std::swap(id[at], id[smallest]);
+      at = smallest;
+    }
+  }
+
+  void push(float v, int64_t i) {
+    int64_t at = count++;
+    value[at] = v;
+    id[at] = i;
+    while (at > 0) {
+      const int64_t parent = (at - 1) / 2;
+      if (!worse(at, parent)) break;
+      std::swap(value[at], value[parent]);
+      std::swap(id[at], id[parent]);
+      at = parent;
+    }
+  }
+
+  void replace_worst(float v, int64_t i) {
+    value[0] = v;
+    id[0] = i;
+    sift_down(0);
+  }
+
+  // elements x[0, n) of the row, at vocabulary ids start + j
+  void add_block(const float* x, int64_t n, int64_t start) {
+    int64_t j = 0;
+    for (; j < n && count < k; ++j) push(x[j], start + j);
+    if (j == n || k == 0) return;
+    constexpr int kAllFail = static_cast<int>((1ull << kLanes) - 1);
+    Vec threshold(value[0]);
+    for (; j < n; j += kLanes) {
+      const int64_t lanes = std::min<int64_t>(kLanes, n - j);
+      const int fail = (load(x + j, lanes, kNegInf) > threshold).zero_mask();
+      if (fail == kAllFail) continue;
+      for (int64_t lane = 0; lane < lanes; ++lane) {
+        if (!((fail >> lane) & 1) && x[j + lane] > value[0]) replace_worst(x[j + lane], start + j + lane);
+      }
+      threshold = Vec(value[0]);
+    }
+  }
+
+  // the kept values (value descending, index ascending) into values[0, k) and ids[0, k)
+  void finish(float* values, int64_t* ids) {
+    for (int64_t j = 0; j < count; ++j) order[j] = j;
+    std::sort(order.begin(), order.begin() + count, [&](int64_t a, int64_t b) { return worse(b, a); });
+    for (int64_t j = 0; j < count; ++j) {
+      values[j] = value[order[j]];
+      ids[j] = id[order[j]];
+    }
+  }
+};
+
 // Per-thread block buffers (float32 copies of reduced-precision blocks, and the gradient block).
 struct Scratch {
-  Scratch(int64_t block, int64_t top_k, bool softcap)
+  Scratch(int64_t block, int64_t top_k, bool softcap, int64_t record_k)
       : z(block), t(block), out(block), derivative(softcap ? block : 0), support_z(top_k), support_t(top_k),
-        support_derivative(softcap ? top_k : 0) {}
+        support_derivative(softcap ? top_k : 0), selector(record_k), record_values(record_k), record_ids(record_k) {}
   std::vector<float> z, t, out;
   std::vector<float> derivative;  // dz'/dz of the block (softcapping only)
   std::vector<float> support_z, support_t;  // a top-k teacher's k logits and the student's at those ids
   std::vector<float> support_derivative;  // dz'/dz at those ids (softcapping only)
+  TopkSelector selector;  // a top-k ring record's candidates
+  std::vector<float> record_values;  // and its k values / ids, sorted
+  std::vector<int64_t> record_ids;
 };
 
 }  // namespace
@@ -334,7 +420,9 @@ struct Scratch {
 // output buffer (ignored unless compute_grad; it may be the logits themselves), row_terms (N, 5) and
 // student_stats (N, 2) are filled. record_index / ring_rows / ring_stats are rows.py's RowRecord (all
 // three or none); teacher_support (R, k) makes teacher_rows (R, k) top-k teachers whose KL is taken over
-// their support. `block`: elements per block of the streamed passes (any positive number).
+// their support. record_topk_values (P, k) / record_topk_support (P, k) int64 / record_topk_tail (P,) float32:
+// a top-k ring's TopkRecord (all three or none, with record_index and ring_stats), written for every
+// recorded row instead of ring_rows. `block`: elements per block of the streamed passes (any positive number).
 void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::optional<at::Tensor>& teacher_rows,
                 const c10::optional<at::Tensor>& teacher_index, const c10::optional<at::Tensor>& teacher_stats,
                 const at::Tensor& grad_scale, double alpha, double tau, bool dynamic_alpha, bool dynamic_tau,
@@ -342,7 +430,9 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
                 bool compute_grad, at::Tensor grad, at::Tensor row_terms, at::Tensor student_stats,
                 const c10::optional<at::Tensor>& record_index, c10::optional<at::Tensor> ring_rows,
                 const c10::optional<at::Tensor>& ring_stats, const c10::optional<at::Tensor>& teacher_support,
-                const c10::optional<at::Tensor>& teacher_tail, int64_t block) {
+                const c10::optional<at::Tensor>& teacher_tail, c10::optional<at::Tensor> record_topk_values,
+                const c10::optional<at::Tensor>& record_topk_support, const c10::optional<at::Tensor>& record_topk_tail,
+                int64_t block) {
   TORCH_CHECK(block > 0, "dynsdpb_cpu: block must be positive, got ", block);
   TORCH_CHECK(softcap >= 0.0 && std::isfinite(softcap), "dynsdpb_cpu: softcap must be 0 (off) or finite > 0, got ", softcap);
   const float cap = static_cast<float>(softcap);
@@ -364,12 +454,19 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const int64_t top_k = support_ptr != nullptr ? teacher_support->size(1) : 0;
   const int64_t support_stride = support_ptr != nullptr ? teacher_support->stride(0) : 0;
   const float* tail_ptr = teacher_tail.has_value() ? teacher_tail->data_ptr<float>() : nullptr;
+  // a top-k ring record: values (P, k) in the ring's dtype, support (P, k) int64, tail (P,) float32
+  const bool record_topk = record && record_topk_values.has_value();
+  const int64_t record_k = record_topk ? record_topk_values->size(1) : 0;
+  TORCH_CHECK(record_k <= vocab, "dynsdpb_cpu: a top-k record keeps at most V = ", vocab, " entries, got k = ", record_k);
+  int64_t* record_support_ptr = record_topk ? record_topk_support->data_ptr<int64_t>() : nullptr;
+  const int64_t record_support_stride = record_topk ? record_topk_support->stride(0) : 0;
+  float* record_tail_ptr = record_topk ? record_topk_tail->data_ptr<float>() : nullptr;
   auto terms = row_terms.accessor<float, 2>();
   auto student = student_stats.accessor<float, 2>();
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    Scratch scratch(block, top_k, cap > 0.0f);
+    Scratch scratch(block, top_k, cap > 0.0f, record_k);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < n_rows; ++row) {
       const int64_t label = label_ptr[row];
@@ -401,12 +498,21 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       RowStats zs, ts;
       TemperedSum zq, tp;
       float offset = 0.0f;
+      // a top-k record: its tail mass needs sum_j exp((z_j - max) / tau_rec) at the temperature the loss
+      // will give this row as a teacher, tau_rec from the row's own d (known after pass A) or fixed
+      const bool topk_slot = record_topk && slot >= 0;
+      const bool record_sum_in_pass_a = topk_slot && !dynamic_tau;
+      const float inv_tau_record = dynamic_tau ? 1.0f : 1.0f / static_cast<float>(tau);  // fixed tau; else set after pass A
+      TemperedSum record_sum;
+      if (topk_slot) scratch.selector.count = 0;
       for (int64_t start = 0; start < vocab; start += block) {
         const int64_t n = std::min(block, vocab - start);
         const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap);
         if (record_rows && slot >= 0) store_block(z, n, *ring_rows, slot, start);
         const float z_block_max = block_max(z, n);
         zs.add_block(z, n, z_block_max);
+        if (topk_slot) scratch.selector.add_block(z, n, start);
+        if (record_sum_in_pass_a) record_sum.add_block(z, n, z_block_max, inv_tau_record);
         if (top_k_teacher) {
           zq.add_block(z, n, z_block_max, inv_tau);
         } else if (dense_teacher) {
@@ -425,6 +531,17 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       if (slot >= 0) {
         ring_stats_ptr[2 * slot] = student[row][0];
         ring_stats_ptr[2 * slot + 1] = student[row][1];
+      }
+      // tau_rec of a dynamic temperature: 1 + (tau - 1) d, the row's own d (what the loss computes from
+      // the ring's stats when this row teaches); its sum rides in pass C, or has its own pass without one
+      const float inv_tau_rec = dynamic_tau ? 1.0f / (1.0f + (static_cast<float>(tau) - 1.0f) * student[row][1]) : inv_tau_record;
+      const bool record_sum_in_pass_c = topk_slot && dynamic_tau && compute_grad;
+      if (topk_slot && dynamic_tau) record_sum.max = zs.max;
+      if (topk_slot && dynamic_tau && !compute_grad) {
+        for (int64_t start = 0; start < vocab; start += block) {
+          const int64_t n = std::min(block, vocab - start);
+          record_sum.add_block(load_student_block(logits, row, start, n, scratch.z.data(), cap), n, zs.max, inv_tau_rec);
+        }
       }
       if (dense_teacher && !has_stats) {
         t_uncertainty = ts.uncertainty(inv_log_v);
@@ -514,6 +631,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
           const int64_t n = std::min(block, vocab - start);
           float* derivative = cap > 0.0f ? scratch.derivative.data() : nullptr;
           const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap, derivative);
+          if (record_sum_in_pass_c) record_sum.add_block(z, n, zs.max, inv_tau_rec);
           const float* t = dense_teacher ? load_block(*teacher_rows, teacher, start, n, scratch.t.data()) : nullptr;
           float* out = scratch.out.data();
           if (dense_teacher) gradient_block<kDenseTeacher>(z, t, n, weights, out);
@@ -540,6 +658,18 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
             store_element((ce_part + kl_coef * (q - p)) * chain, grad, row, id);
           }
         }
+      }
+
+      if (topk_slot) {  // values rounded once to the ring's dtype, ids, m = 1 - sum_topk softmax(z / tau_rec)
+        float* values = scratch.record_values.data();
+        int64_t* ids = scratch.record_ids.data();
+        scratch.selector.finish(values, ids);
+        store_block(values, record_k, *record_topk_values, slot, 0);
+        std::memcpy(record_support_ptr + slot * record_support_stride, ids, record_k * sizeof(int64_t));
+        float kept = 0.0f;
+        for (int64_t j = 0; j < record_k; ++j) kept += std::exp((values[j] - record_sum.max) * inv_tau_rec);
+        const float tail_mass = 1.0f - kept / record_sum.sum;
+        record_tail_ptr[slot] = tail_mass != tail_mass ? tail_mass : std::fmin(std::fmax(tail_mass, 0.0f), static_cast<float>(1.0 - 1e-6));
       }
 
       terms[row][0] = ce;
