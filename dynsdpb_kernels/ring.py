@@ -60,6 +60,7 @@ RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
 RING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FREE_ID = torch.iinfo(torch.int64).max  # id of a free table slot (sorts after every live id)
+MIRROR_LIMIT = 1 << 18  # ids the host mirror tracks as possibly live before it gives up (then: any id may be)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class RingLookup:
     The rest is the new state of the B samples' entries and of head, applied by commit; table_position
     (B,) is where each id was searched in the entry table and found (B,) whether it had a live entry there;
     layout is the storage the call reads and writes (the ring's own, or a larger one commit installs).
+    recorded_for_sure, settled_ids, unsure_ids: the host mirror's update (record_policy="new"): the ids
+    this call records whatever the device finds (the next call's host-known live ids; None: unchanged),
+    the ids it leaves without an entry for sure, and those that may or may not hold one afterwards.
     """
 
     teacher_index: torch.Tensor
@@ -93,6 +97,9 @@ class RingLookup:
     layout: RingLayout
     first_visits: tuple[int, ...] = ()
     visit_rows: int = 0
+    recorded_for_sure: frozenset[int] | None = None
+    settled_ids: tuple[int, ...] = ()
+    unsure_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,10 @@ class TeacherRing:
         self.keep_visits = keep_visits
         self._visited: set[int] = set()  # keep_visits: the ids seen, and the bound S of their rows
         self._visit_rows = 0
+        # host mirror (record_policy="new"): ids the last recording call recorded whatever the device found
+        # (live at the next call), and a superset of the ids that may hold a live entry (None: any id)
+        self._recorded: frozenset[int] = frozenset()
+        self._possible: set[int] | None = None if keep_visits else set()  # last-visit rings keep their sizing
         self.storage = storage
         self.topk = min(topk, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
@@ -339,6 +350,9 @@ class TeacherRing:
         self._start.fill_(-1)
         self._length.zero_()
         self._head.zero_()
+        self._recorded = frozenset()
+        if self._possible is not None:
+            self._possible = set()
         self._generation += 1
 
     def _live_positions(self) -> torch.Tensor:
@@ -369,6 +383,10 @@ class TeacherRing:
             "head": self._head.cpu(),
             **({"visited_ids": torch.tensor(sorted(self._visited), dtype=torch.int64),
                 "visit_rows": self._visit_rows} if self.keep_visits else {}),
+            **({} if self.keep_visits else {
+                "recorded_ids": _id_tensor(self._recorded),
+                "possible_ids": None if self._possible is None else _id_tensor(self._possible),
+            }),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -423,10 +441,16 @@ class TeacherRing:
         if self.keep_visits:  # a state_dict of a ring without keep_visits restarts the bound
             self._visited = set(state["visited_ids"].tolist()) if "visited_ids" in state else set()
             self._visit_rows = int(state.get("visit_rows", 0))
+        else:  # an earlier state_dict: nothing recorded for sure, the live ids exactly are possible
+            self._recorded = frozenset(state["recorded_ids"].tolist()) if "recorded_ids" in state else frozenset()
+            possible = state.get("possible_ids", ids)
+            self._possible = None if possible is None else set(possible.tolist())
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
 
-    def lookup(self, sample_ids: torch.Tensor, valid: torch.Tensor, record_policy: str = "new") -> RingLookup:
+    def lookup(
+        self, sample_ids: torch.Tensor, valid: torch.Tensor, record_policy: str = "new", row_bound: int | None = None,
+    ) -> RingLookup:
         """Teachers and recording slots for one call, without changing the ring's state.
 
         Args:
@@ -434,9 +458,15 @@ class TeacherRing:
                 ids that live on a GPU copies them to the host (a sync of B integers).
             valid: (B, T) bool on the ring's device, True where a row has a label (T = 1 for
                 classification); the student rows are the B * T rows in this order.
-            record_policy: "new" records the samples that got no teacher and consumes the entries that
-                were used (each sample is a teacher once, then a student once); "all" records every
-                sample; "none" records nothing and consumes nothing.
+            record_policy: "new" records the samples that had no live entry and consumes the entries
+                found (each sample is a teacher once, then a student once; an entry whose length differs
+                is consumed without teaching); "all" records every sample; "none" records nothing and
+                consumes nothing. Under "new", a sample the previous recording call recorded for sure
+                (the host mirror, module docstring) is not recorded again: it is taught from its entry,
+                or, when that entry has another length or holds no row any more, gets no teacher.
+            row_bound: an upper bound on each sample's valid rows known on the host (default T; the
+                modules pass T - 1 when they shift the labels, whose last column is then ignored). A
+                sample with more valid rows is not recorded (the bound is enforced on the device).
 
         A call of more than the reserve's rows (or, with grow_capacity, more than capacity_rows) gets a
         larger layout staged in the lookup (RingLookup.layout, live rows copied); commit installs it.
@@ -460,7 +490,21 @@ class TeacherRing:
         if valid.device != self.device:
             raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
         n_rows = valid.numel()
-        capacity = max(self.capacity_rows, n_rows) if self.grow_capacity else self.capacity_rows
+        width = valid.shape[1]
+        row_bound = width if row_bound is None else min(operator.index(row_bound), width)
+        if row_bound < 0:
+            raise ValueError(f"row_bound must be >= 0 (valid rows a sample can have), got {row_bound}")
+        id_list = ids_host.tolist()
+        mirror = self._mirror_update(id_list, record_policy)
+        if self.keep_visits:
+            bound = n_rows  # last-visit rings keep their sizing (a reserve of the largest call)
+        elif record_policy == "none":
+            bound = 0
+        elif record_policy == "all":
+            bound = row_bound * len(id_list)
+        else:  # the samples the previous call recorded for sure are not recorded (enforced below)
+            bound = row_bound * sum(i not in self._recorded for i in id_list)
+        capacity = max(self.capacity_rows, bound) if self.grow_capacity else self.capacity_rows
         first_visits: tuple[int, ...] = ()
         visit_rows = self._visit_rows
         if self.keep_visits:
@@ -468,7 +512,7 @@ class TeacherRing:
             visit_rows += len(first_visits) * valid.shape[1]  # T >= a sample's valid rows
             if self.grow_capacity:
                 capacity = max(capacity, 2 * visit_rows)  # fewer than 2 S positions pass between two visits
-        reserve = max(self._reserve, n_rows)
+        reserve = max(self._reserve, bound)
         if (capacity, reserve) == (self.capacity_rows, self._reserve):
             layout = self._layout()
         else:
@@ -490,13 +534,15 @@ class TeacherRing:
         if record_policy == "none":
             recorded = torch.zeros_like(has_teacher)
         elif record_policy == "all":
-            recorded = torch.ones_like(has_teacher)
+            recorded = count <= row_bound
         else:
-            recorded = ~has_teacher
+            recorded_before = [i in self._recorded for i in id_list]
+            settled = torch.tensor(recorded_before, dtype=torch.bool).to(self.device, non_blocking=True)
+            recorded = ~live & ~settled & (count <= row_bound)
         record_count = count * recorded
         record_start = self._head + record_count.cumsum(0) - record_count
         record_index = torch.where(valid & recorded[:, None], (record_start[:, None] + order) % physical, -1)
-        consumed = has_teacher & (record_policy != "none")
+        consumed = (live if record_policy == "new" else has_teacher) & (record_policy != "none")
         new_start = torch.where(recorded, record_start, torch.where(consumed, -1, start))
         new_length = torch.where(recorded, count, torch.where(consumed, 0, length))
         recorded_rows = record_count.sum()
@@ -517,7 +563,23 @@ class TeacherRing:
             layout=layout,
             first_visits=first_visits,
             visit_rows=visit_rows,
+            **mirror,
         )
+
+    def _mirror_update(self, id_list: list[int], record_policy: str) -> dict:
+        """The host mirror after a call of these ids (RingLookup fields; applied by commit). Under "new", an
+        id the previous call recorded for sure (in `_recorded`, so live) is consumed or left without an
+        entry: settled. An id that cannot hold a live entry (not in `_possible`) is recorded whatever
+        the device finds. The others are unsure (they may be recorded or consumed)."""
+        possible = self._possible
+        if record_policy == "none" or self.keep_visits:
+            return {}
+        if record_policy == "all":
+            return {"recorded_for_sure": frozenset(id_list), "unsure_ids": tuple(id_list)}
+        settled = tuple(i for i in id_list if i in self._recorded)
+        fresh = [i for i in id_list if i not in self._recorded]
+        sure = frozenset(i for i in fresh if possible is not None and i not in possible)
+        return {"recorded_for_sure": sure, "settled_ids": settled, "unsure_ids": tuple(fresh)}
 
     def commit(self, lookup: RingLookup) -> None:
         """Apply a lookup once its kernel call succeeded: its layout is installed (if it staged a larger
@@ -549,6 +611,13 @@ class TeacherRing:
         self._generation += 1
         self._visited.update(lookup.first_visits)
         self._visit_rows = lookup.visit_rows
+        if lookup.recorded_for_sure is not None:
+            self._recorded = lookup.recorded_for_sure
+            if self._possible is not None:
+                self._possible.difference_update(lookup.settled_ids)
+                self._possible.update(lookup.unsure_ids)
+                if len(self._possible) > MIRROR_LIMIT:
+                    self._possible = None  # every id may be live from now on (bound B * T), until a load
         if not self.grow_capacity and not self._warned_eviction and lookup.teacher_index.numel() > capacity:
             recorded = int(lookup.recorded_rows)
             if recorded > capacity:
@@ -570,6 +639,10 @@ def _row_record(layout: RingLayout, index: torch.Tensor) -> RowRecord:
     if layout.support is None or layout.tail is None:
         return RowRecord(index, layout.logits, layout.stats)
     return RowRecord(index, None, layout.stats, TopkRecord(layout.logits, layout.support, layout.tail))
+
+
+def _id_tensor(ids: set[int] | frozenset[int]) -> torch.Tensor:
+    return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
 def _to_device(value: object, device: torch.device) -> object:
