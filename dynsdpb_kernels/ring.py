@@ -7,20 +7,33 @@ start + length - 1. An entry is live while it lies within the last `capacity_row
 
     live  <=>  start >= 0  and  start >= head - C
 
-P = C + reserve: the reserve (at least the rows of the largest call) is where one call writes. A call
-writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C .. head - 1,
-so a write never touches a live entry, whatever the call reads as teachers in the same kernel launch;
-and a call that fails before `commit` leaves every live entry as it was.
+P = C + reserve: the reserve (at least the rows the largest call can record) is where one call writes.
+A call writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C ..
+head - 1, so a write never touches a live entry, whatever the call reads as teachers in the same kernel
+launch; and a call that fails before `commit` leaves every live entry as it was.
 
-Capacity. With grow_capacity=True (what DynSDPBLoss does when capacity_rows is not given) a call of
-more rows than C (B * T, padding included: known on the host, no sync) raises C to them; with a call of
-more rows than the reserve, the reserve grows the same way. Either way `lookup` stages a larger layout
-(new tensors, every live row copied to its slot under the new P, the entry table padded with free
-slots) and `commit` installs it, so a call that fails leaves the ring exactly as it was, tensors
-included. A call records at most its B * T rows <= C, so the entries it records are all still live at
-the next call: the previous step's samples (DLB's teachers) are never evicted. With a fixed capacity
-(grow_capacity=False) a call that records more than C rows evicts some of its own entries before the
-next call can read them; the ring then warns once (RuntimeWarning naming capacity_rows).
+Rows a call can record (its bound W_max, on the host, no sync). "none": 0; "all": r * B; "new":
+r * (the samples not recorded for sure by the previous recording call), with r the host's bound on a
+sample's valid rows (T, or T - 1 when the modules shift the labels). The host mirror: `_recorded`, the
+ids the previous call recorded whatever the device found (they had no possible entry), and
+`_possible`, a superset of the ids with a live entry (None past MIRROR_LIMIT ids: any id). A sample
+in `_recorded` is live at this call (C >= the previous call's rows), so it is taught, or consumed
+without teaching when its length differs; it is never recorded by this call, and the device enforces
+that (as it enforces r), so W <= W_max holds whatever the mirror says. Under DLB the samples recorded
+for sure are the previous call's new ones, so W_max = r * B_new and P = 2 * r * B_new: the rows being
+read and the rows being written, twice the teachers one step needs. The mirror is staged by `lookup`,
+installed by `commit`, and saved in the state_dict (an earlier state_dict: nothing recorded for sure,
+the live ids possible, so its first call is sized by all its samples).
+
+Capacity. With grow_capacity=True (what DynSDPBLoss does when capacity_rows is not given) a call whose
+W_max exceeds C raises C to it; with W_max above the reserve, the reserve grows the same way. Either
+way `lookup` stages a larger layout (new tensors, every live row copied to its slot under the new P,
+the entry table padded with free slots) and `commit` installs it, so a call that fails leaves the ring
+exactly as it was, tensors included. A call records at most W_max <= C rows, so the entries it records
+are all still live at the next call: the previous step's samples (DLB's teachers) are never evicted.
+With a fixed capacity (grow_capacity=False) only the reserve follows W_max; a call that records more
+than C rows evicts some of its own entries before the next call can read them; the ring then warns
+once (RuntimeWarning naming capacity_rows).
 
 Last-visit teachers (keep_visits=True, with grow_capacity; DynSDPBLoss(teacher="previous_visit")). Every
 visit of a sample records it and the next visit, an epoch later, reads it. With each sample visited once
@@ -42,7 +55,9 @@ KL over the teacher's top-k support (contract.py), an approximation of the dense
 memory (k * (2 + 8) bytes a row in bfloat16 instead of V * 2).
 
 Matching. Row k of a sample (k-th position whose label is not ignore_index) is taught by row k of its
-entry. A sample whose number of valid rows differs from its entry's length gets no teacher.
+entry. A sample whose number of valid rows differs from its entry's length gets no teacher; under
+record_policy="new" its entry is consumed and it is recorded at its next visit (not by this call). A
+sample the previous call recorded with no valid row (no entry) is likewise not recorded by the next.
 """
 
 from __future__ import annotations
@@ -137,13 +152,13 @@ class TeacherRing:
         device: where the ring lives; None allocates it on the device of the first call (and a ring
             made or restored without a device moves to the device of the first call's logits).
         reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
-            number of rows of a larger call, which reallocates the ring once.
+            rows a larger call can record (W_max, module docstring), which reallocates the ring once.
         storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
         topk: entries kept per row with storage="topk".
         grow_capacity: False (default): C is fixed; a call that records more than C rows evicts some of
             the entries it recorded before the next call reads them, and the ring warns once
-            (RuntimeWarning). True: C starts at capacity_rows and a call of more rows (B * T, padding
-            included) than C raises C to them (one reallocation, every live entry kept), so the entries
+            (RuntimeWarning). True: C starts at capacity_rows and a call that can record more rows
+            (W_max) than C raises C to them (one reallocation, every live entry kept), so the entries
             one call records are all live at the next call; load_state_dict then adopts the saved C.
         keep_visits: with grow_capacity, also keep every sample's entry until its next visit an epoch
             later (last-visit teachers, record_policy="all", each sample visited once per epoch):
@@ -154,10 +169,12 @@ class TeacherRing:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
         topk:  P * (k * (dtype + 8) + 4 + 8) + 24 * C + 8 bytes
     (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
-    triples; head), independent of how many distinct sample ids were seen and of their magnitude. With
-    grow_capacity, C and the reserve are each the rows of the largest call so far (if larger than
-    their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made. With keep_visits, C is
+    triples; head), independent of how many distinct sample ids were seen and of their magnitude. The
+    reserve is the largest W_max so far (the rows a call can record, module docstring) and, with
+    grow_capacity, C is too (if larger than their initial values): P = 2 * max(W_max) for a ring
+    DynSDPBLoss made, 2 * B_new * (T - 1) under DLB with shifted labels. With keep_visits, C is
     2 * S = 2 * (sum over the samples seen of T at their first visit), and the reserve max(B * T).
+    The host mirror of record_policy="new" holds at most MIRROR_LIMIT + B ids (host memory, not nbytes).
     """
 
     def __init__(
@@ -363,8 +380,9 @@ class TeacherRing:
     def state_dict(self) -> dict:
         """Everything needed to continue with exactly the same teachers, independent of the physical
         layout: the rows of the last capacity_rows positions in order, the live entries (sample id,
-        absolute start position, length) sorted by sample id, and head (tensors copied to the CPU;
-        reads head and the entry count, syncs)."""
+        absolute start position, length) sorted by sample id, head, and the host mirror (recorded_ids,
+        possible_ids: None when any id may be live) or, with keep_visits, the ids seen (tensors copied
+        to the CPU; reads head and the entry count, syncs)."""
         positions = self._live_positions()
         slots = positions % max(self.physical_rows, 1)
         n_entries = len(self)  # the live entries are the table's first ones
@@ -420,6 +438,10 @@ class TeacherRing:
             if head < 0 or tuple(state[key].shape) != shape:
                 raise ValueError(f"state_dict {key} have shape {tuple(state[key].shape)}, inconsistent with its header")
         ids, start, length = _state_entries(state, head, capacity)
+        # an earlier state_dict: nothing recorded for sure, the live ids exactly are possible
+        recorded = frozenset(state["recorded_ids"].tolist()) if "recorded_ids" in state else frozenset()
+        possible = state.get("possible_ids", ids)
+        possible = None if possible is None else set(possible.tolist())
         # everything fits: rebuild the ring
         if self.grow_capacity:
             self.capacity_rows = capacity
@@ -441,10 +463,8 @@ class TeacherRing:
         if self.keep_visits:  # a state_dict of a ring without keep_visits restarts the bound
             self._visited = set(state["visited_ids"].tolist()) if "visited_ids" in state else set()
             self._visit_rows = int(state.get("visit_rows", 0))
-        else:  # an earlier state_dict: nothing recorded for sure, the live ids exactly are possible
-            self._recorded = frozenset(state["recorded_ids"].tolist()) if "recorded_ids" in state else frozenset()
-            possible = state.get("possible_ids", ids)
-            self._possible = None if possible is None else set(possible.tolist())
+        else:
+            self._recorded, self._possible = recorded, possible
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
 
