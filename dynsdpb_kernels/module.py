@@ -183,8 +183,12 @@ class RingLoss(nn.Module):
                 raise ValueError("sample_ids are required in training mode: the teachers are looked up by them")
             return RingStep(labels_1d, Teachers(), None, self._grad_scale(labels_1d, None, num_items_in_batch), None)
 
-        ring = self._ring_for(per_sample.numel())
-        lookup = ring.lookup(sample_ids, per_sample != ignore_index, record_policy=self.record_policy)
+        shifted = labels.dim() == 2 and self.shift_labels  # then a sample's last position is never valid
+        ring = self._ring_for()
+        lookup = ring.lookup(
+            sample_ids, per_sample != ignore_index, record_policy=self.record_policy,
+            row_bound=per_sample.shape[1] - 1 if shifted else None,
+        )
         grad_scale = self._grad_scale(labels_1d, lookup.teacher_index, num_items_in_batch)
         return RingStep(labels_1d, lookup.teachers, lookup.record, grad_scale, lookup)
 
@@ -213,9 +217,11 @@ class RingLoss(nn.Module):
         total = torch.as_tensor(num_items_in_batch, device=labels.device).float().clamp_min(1)
         return torch.stack([1.0 / total, n_valid / (n_distilled.clamp_min(1) * total)]).float()
 
-    def _ring_for(self, n_rows: int) -> TeacherRing:
+    def _ring_for(self) -> TeacherRing:
+        """The ring, made at the first training call when the module was not given capacity_rows: it
+        starts at one row and grows in that call's lookup to the rows the call can record."""
         if self.ring is None:
-            self.ring = self._new_ring(max(n_rows, 1))
+            self.ring = self._new_ring(1)
         return self.ring
 
 

@@ -7,20 +7,33 @@ start + length - 1. An entry is live while it lies within the last `capacity_row
 
     live  <=>  start >= 0  and  start >= head - C
 
-P = C + reserve: the reserve (at least the rows of the largest call) is where one call writes. A call
-writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C .. head - 1,
-so a write never touches a live entry, whatever the call reads as teachers in the same kernel launch;
-and a call that fails before `commit` leaves every live entry as it was.
+P = C + reserve: the reserve (at least the rows the largest call can record) is where one call writes.
+A call writes positions head .. head + W - 1 with W <= reserve, and live entries occupy head - C ..
+head - 1, so a write never touches a live entry, whatever the call reads as teachers in the same kernel
+launch; and a call that fails before `commit` leaves every live entry as it was.
 
-Capacity. With grow_capacity=True (what DynSDPBLoss does when capacity_rows is not given) a call of
-more rows than C (B * T, padding included: known on the host, no sync) raises C to them; with a call of
-more rows than the reserve, the reserve grows the same way. Either way `lookup` stages a larger layout
-(new tensors, every live row copied to its slot under the new P, the entry table padded with free
-slots) and `commit` installs it, so a call that fails leaves the ring exactly as it was, tensors
-included. A call records at most its B * T rows <= C, so the entries it records are all still live at
-the next call: the previous step's samples (DLB's teachers) are never evicted. With a fixed capacity
-(grow_capacity=False) a call that records more than C rows evicts some of its own entries before the
-next call can read them; the ring then warns once (RuntimeWarning naming capacity_rows).
+Rows a call can record (its bound W_max, on the host, no sync). "none": 0; "all": r * B; "new":
+r * (the samples not recorded for sure by the previous recording call), with r the host's bound on a
+sample's valid rows (T, or T - 1 when the modules shift the labels). The host mirror: `_recorded`, the
+ids the previous call recorded whatever the device found (they had no possible entry), and
+`_possible`, a superset of the ids with a live entry (None past MIRROR_LIMIT ids: any id). A sample
+in `_recorded` is live at this call (C >= the previous call's rows), so it is taught, or consumed
+without teaching when its length differs; it is never recorded by this call, and the device enforces
+that (as it enforces r), so W <= W_max holds whatever the mirror says. Under DLB the samples recorded
+for sure are the previous call's new ones, so W_max = r * B_new and P = 2 * r * B_new: the rows being
+read and the rows being written, twice the teachers one step needs. The mirror is staged by `lookup`,
+installed by `commit`, and saved in the state_dict (an earlier state_dict: nothing recorded for sure,
+the live ids possible, so its first call is sized by all its samples).
+
+Capacity. With grow_capacity=True (what DynSDPBLoss does when capacity_rows is not given) a call whose
+W_max exceeds C raises C to it; with W_max above the reserve, the reserve grows the same way. Either
+way `lookup` stages a larger layout (new tensors, every live row copied to its slot under the new P,
+the entry table padded with free slots) and `commit` installs it, so a call that fails leaves the ring
+exactly as it was, tensors included. A call records at most W_max <= C rows, so the entries it records
+are all still live at the next call: the previous step's samples (DLB's teachers) are never evicted.
+With a fixed capacity (grow_capacity=False) only the reserve follows W_max; a call that records more
+than C rows evicts some of its own entries before the next call can read them; the ring then warns
+once (RuntimeWarning naming capacity_rows).
 
 Last-visit teachers (keep_visits=True, with grow_capacity; DynSDPBLoss(teacher="previous_visit")). Every
 visit of a sample records it and the next visit, an epoch later, reads it. With each sample visited once
@@ -43,7 +56,9 @@ KL over the teacher's top-k support (contract.py), an approximation of the dense
 memory (k * (2 + 8) bytes a row in bfloat16 instead of V * 2).
 
 Matching. Row k of a sample (k-th position whose label is not ignore_index) is taught by row k of its
-entry. A sample whose number of valid rows differs from its entry's length gets no teacher.
+entry. A sample whose number of valid rows differs from its entry's length gets no teacher; under
+record_policy="new" its entry is consumed and it is recorded at its next visit (not by this call). A
+sample the previous call recorded with no valid row (no entry) is likewise not recorded by the next.
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
 RING_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FREE_ID = torch.iinfo(torch.int64).max  # id of a free table slot (sorts after every live id)
+MIRROR_LIMIT = 1 << 18  # ids the host mirror tracks as possibly live before it gives up (then: any id may be)
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,9 @@ class RingLookup:
     The rest is the new state of the B samples' entries and of head, applied by commit; table_position
     (B,) is where each id was searched in the entry table and found (B,) whether it had a live entry there;
     layout is the storage the call reads and writes (the ring's own, or a larger one commit installs).
+    recorded_for_sure, settled_ids, unsure_ids: the host mirror's update (record_policy="new"): the ids
+    this call records whatever the device finds (the next call's host-known live ids; None: unchanged),
+    the ids it leaves without an entry for sure, and those that may or may not hold one afterwards.
     """
 
     teacher_index: torch.Tensor
@@ -94,6 +113,9 @@ class RingLookup:
     layout: RingLayout
     first_visits: tuple[int, ...] = ()
     visit_rows: int = 0
+    recorded_for_sure: frozenset[int] | None = None
+    settled_ids: tuple[int, ...] = ()
+    unsure_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,13 +153,13 @@ class TeacherRing:
         device: where the ring lives; None allocates it on the device of the first call (and a ring
             made or restored without a device moves to the device of the first call's logits).
         reserve_rows: rows set aside for one call's writes (default C); grown automatically to the
-            number of rows of a larger call, which reallocates the ring once.
+            rows a larger call can record (W_max, module docstring), which reallocates the ring once.
         storage: "dense" (whole rows) or "topk" (the k largest logits of each row and their ids).
         topk: entries kept per row with storage="topk".
         grow_capacity: False (default): C is fixed; a call that records more than C rows evicts some of
             the entries it recorded before the next call reads them, and the ring warns once
-            (RuntimeWarning). True: C starts at capacity_rows and a call of more rows (B * T, padding
-            included) than C raises C to them (one reallocation, every live entry kept), so the entries
+            (RuntimeWarning). True: C starts at capacity_rows and a call that can record more rows
+            (W_max) than C raises C to them (one reallocation, every live entry kept), so the entries
             one call records are all live at the next call; load_state_dict then adopts the saved C.
         keep_visits: last-visit teachers (record_policy="all", each sample visited once per epoch): with
             grow_capacity, C grows to keep every sample's entry until its next visit an epoch later,
@@ -149,11 +171,13 @@ class TeacherRing:
         dense: P * (V * dtype + 8) + 24 * C + 8 bytes
         topk:  P * (k * (dtype + 8) + 4 + 8) + 24 * C + 8 bytes
     (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
-    triples; head), independent of how many distinct sample ids were seen and of their magnitude. With
-    grow_capacity, C and the reserve are each the rows of the largest call so far (if larger than
-    their initial values): P = 2 * max(B * T) for a ring DynSDPBLoss made. With keep_visits, C is
+    triples; head), independent of how many distinct sample ids were seen and of their magnitude. The
+    reserve is the largest W_max so far (the rows a call can record, module docstring) and, with
+    grow_capacity, C is too (if larger than their initial values): P = 2 * max(W_max) for a ring
+    DynSDPBLoss made, 2 * B_new * (T - 1) under DLB with shifted labels. With keep_visits, C is
     between 2 * S and 4 * S (grown by doubling), S = the sum over the samples seen of T at their first
     visit, and the reserve max(B * T). A state_dict holds the reserve, so a resumed ring has the same P.
+    The host mirror of record_policy="new" holds at most MIRROR_LIMIT + B ids (host memory, not nbytes).
     """
 
     def __init__(
@@ -186,6 +210,10 @@ class TeacherRing:
         self.keep_visits = keep_visits
         self._visited: set[int] = set()  # keep_visits: the ids seen, and the bound S of their rows
         self._visit_rows = 0
+        # host mirror (record_policy="new"): ids the last recording call recorded whatever the device found
+        # (live at the next call), and a superset of the ids that may hold a live entry (None: any id)
+        self._recorded: frozenset[int] = frozenset()
+        self._possible: set[int] | None = None if keep_visits else set()  # last-visit rings keep their sizing
         self.storage = storage
         self.topk = min(topk, vocab_size) if storage == "topk" else vocab_size
         self.dtype = dtype
@@ -342,6 +370,9 @@ class TeacherRing:
         self._start.fill_(-1)
         self._length.zero_()
         self._head.zero_()
+        self._recorded = frozenset()
+        if self._possible is not None:
+            self._possible = set()
         self._generation += 1
 
     def _live_positions(self) -> torch.Tensor:
@@ -352,8 +383,9 @@ class TeacherRing:
     def state_dict(self) -> dict:
         """Everything needed to continue with exactly the same teachers, independent of the physical
         layout: the rows of the last capacity_rows positions in order, the live entries (sample id,
-        absolute start position, length) sorted by sample id, and head (tensors copied to the CPU;
-        reads head and the entry count, syncs)."""
+        absolute start position, length) sorted by sample id, head, and the host mirror (recorded_ids,
+        possible_ids: None when any id may be live) or, with keep_visits, the ids seen (tensors copied
+        to the CPU; reads head and the entry count, syncs)."""
         positions = self._live_positions()
         slots = positions % max(self.physical_rows, 1)
         n_entries = len(self)  # the live entries are the table's first ones
@@ -373,6 +405,10 @@ class TeacherRing:
             "reserve_rows": self._reserve,
             **({"visited_ids": torch.tensor(sorted(self._visited), dtype=torch.int64),
                 "visit_rows": self._visit_rows} if self.keep_visits else {}),
+            **({} if self.keep_visits else {
+                "recorded_ids": _id_tensor(self._recorded),
+                "possible_ids": None if self._possible is None else _id_tensor(self._possible),
+            }),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -407,6 +443,10 @@ class TeacherRing:
             if head < 0 or tuple(state[key].shape) != shape:
                 raise ValueError(f"state_dict {key} have shape {tuple(state[key].shape)}, inconsistent with its header")
         ids, start, length = _state_entries(state, head, capacity)
+        # an earlier state_dict: nothing recorded for sure, the live ids exactly are possible
+        recorded = frozenset(state["recorded_ids"].tolist()) if "recorded_ids" in state else frozenset()
+        possible = state.get("possible_ids", ids)
+        possible = None if possible is None else set(possible.tolist())
         # everything fits: rebuild the ring
         if self.grow_capacity:
             self.capacity_rows = capacity
@@ -430,10 +470,14 @@ class TeacherRing:
         if self.keep_visits:  # a state_dict of a ring without keep_visits restarts the bound
             self._visited = set(state["visited_ids"].tolist()) if "visited_ids" in state else set()
             self._visit_rows = int(state.get("visit_rows", 0))
+        else:
+            self._recorded, self._possible = recorded, possible
 
     # -- one call: lookup, kernel, commit ------------------------------------------------------
 
-    def lookup(self, sample_ids: torch.Tensor, valid: torch.Tensor, record_policy: str = "new") -> RingLookup:
+    def lookup(
+        self, sample_ids: torch.Tensor, valid: torch.Tensor, record_policy: str = "new", row_bound: int | None = None,
+    ) -> RingLookup:
         """Teachers and recording slots for one call, without changing the ring's state.
 
         Args:
@@ -441,9 +485,15 @@ class TeacherRing:
                 ids that live on a GPU copies them to the host (a sync of B integers).
             valid: (B, T) bool on the ring's device, True where a row has a label (T = 1 for
                 classification); the student rows are the B * T rows in this order.
-            record_policy: "new" records the samples that got no teacher and consumes the entries that
-                were used (each sample is a teacher once, then a student once); "all" records every
-                sample; "none" records nothing and consumes nothing.
+            record_policy: "new" records the samples that had no live entry and consumes the entries
+                found (each sample is a teacher once, then a student once; an entry whose length differs
+                is consumed without teaching); "all" records every sample; "none" records nothing and
+                consumes nothing. Under "new", a sample the previous recording call recorded for sure
+                (the host mirror, module docstring) is not recorded again: it is taught from its entry,
+                or, when that entry has another length or holds no row any more, gets no teacher.
+            row_bound: an upper bound on each sample's valid rows known on the host (default T; the
+                modules pass T - 1 when they shift the labels, whose last column is then ignored). A
+                sample with more valid rows is not recorded (the bound is enforced on the device).
 
         A call of more than the reserve's rows (or, with grow_capacity, more than capacity_rows) gets a
         larger layout staged in the lookup (RingLookup.layout, live rows copied); commit installs it.
@@ -467,7 +517,21 @@ class TeacherRing:
         if valid.device != self.device:
             raise ValueError(f"the logits are on {valid.device} but the teacher ring lives on {self.device}")
         n_rows = valid.numel()
-        capacity = max(self.capacity_rows, n_rows) if self.grow_capacity else self.capacity_rows
+        width = valid.shape[1]
+        row_bound = width if row_bound is None else min(operator.index(row_bound), width)
+        if row_bound < 0:
+            raise ValueError(f"row_bound must be >= 0 (valid rows a sample can have), got {row_bound}")
+        id_list = ids_host.tolist()
+        mirror = self._mirror_update(id_list, record_policy)
+        if self.keep_visits:
+            bound = n_rows  # last-visit rings keep their sizing (a reserve of the largest call)
+        elif record_policy == "none":
+            bound = 0
+        elif record_policy == "all":
+            bound = row_bound * len(id_list)
+        else:  # the samples the previous call recorded for sure are not recorded (enforced below)
+            bound = row_bound * sum(i not in self._recorded for i in id_list)
+        capacity = max(self.capacity_rows, bound) if self.grow_capacity else self.capacity_rows
         first_visits: tuple[int, ...] = ()
         visit_rows = self._visit_rows
         if self.keep_visits:
@@ -477,7 +541,7 @@ class TeacherRing:
                 # fewer than 2 S positions pass between two visits; doubling keeps the first epoch's
                 # reallocations (each copies the live rows) to O(log S)
                 capacity = max(2 * visit_rows, 2 * capacity)
-        reserve = max(self._reserve, n_rows)
+        reserve = max(self._reserve, bound)
         if (capacity, reserve) == (self.capacity_rows, self._reserve):
             layout = self._layout()
         else:
@@ -499,13 +563,15 @@ class TeacherRing:
         if record_policy == "none":
             recorded = torch.zeros_like(has_teacher)
         elif record_policy == "all":
-            recorded = torch.ones_like(has_teacher)
+            recorded = count <= row_bound
         else:
-            recorded = ~has_teacher
+            recorded_before = [i in self._recorded for i in id_list]
+            settled = torch.tensor(recorded_before, dtype=torch.bool).to(self.device, non_blocking=True)
+            recorded = ~live & ~settled & (count <= row_bound)
         record_count = count * recorded
         record_start = self._head + record_count.cumsum(0) - record_count
         record_index = torch.where(valid & recorded[:, None], (record_start[:, None] + order) % physical, -1)
-        consumed = has_teacher & (record_policy != "none")
+        consumed = (live if record_policy == "new" else has_teacher) & (record_policy != "none")
         new_start = torch.where(recorded, record_start, torch.where(consumed, -1, start))
         new_length = torch.where(recorded, count, torch.where(consumed, 0, length))
         recorded_rows = record_count.sum()
@@ -526,7 +592,23 @@ class TeacherRing:
             layout=layout,
             first_visits=first_visits,
             visit_rows=visit_rows,
+            **mirror,
         )
+
+    def _mirror_update(self, id_list: list[int], record_policy: str) -> dict:
+        """The host mirror after a call of these ids (RingLookup fields; applied by commit). Under "new", an
+        id the previous call recorded for sure (in `_recorded`, so live) is consumed or left without an
+        entry: settled. An id that cannot hold a live entry (not in `_possible`) is recorded whatever
+        the device finds. The others are unsure (they may be recorded or consumed)."""
+        possible = self._possible
+        if record_policy == "none" or self.keep_visits:
+            return {}
+        if record_policy == "all":
+            return {"recorded_for_sure": frozenset(id_list), "unsure_ids": tuple(id_list)}
+        settled = tuple(i for i in id_list if i in self._recorded)
+        fresh = [i for i in id_list if i not in self._recorded]
+        sure = frozenset(i for i in fresh if possible is not None and i not in possible)
+        return {"recorded_for_sure": sure, "settled_ids": settled, "unsure_ids": tuple(fresh)}
 
     def commit(self, lookup: RingLookup) -> None:
         """Apply a lookup once its kernel call succeeded: its layout is installed (if it staged a larger
@@ -569,6 +651,13 @@ class TeacherRing:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if lookup.recorded_for_sure is not None:
+            self._recorded = lookup.recorded_for_sure
+            if self._possible is not None:
+                self._possible.difference_update(lookup.settled_ids)
+                self._possible.update(lookup.unsure_ids)
+                if len(self._possible) > MIRROR_LIMIT:
+                    self._possible = None  # every id may be live from now on (bound B * T), until a load
         if not self.grow_capacity and not self._warned_eviction and lookup.teacher_index.numel() > capacity:
             recorded = int(lookup.recorded_rows)
             if recorded > capacity:
@@ -590,6 +679,10 @@ def _row_record(layout: RingLayout, index: torch.Tensor) -> RowRecord:
     if layout.support is None or layout.tail is None:
         return RowRecord(index, layout.logits, layout.stats)
     return RowRecord(index, None, layout.stats, TopkRecord(layout.logits, layout.support, layout.tail))
+
+
+def _id_tensor(ids: set[int] | frozenset[int]) -> torch.Tensor:
+    return torch.tensor(sorted(ids), dtype=torch.int64)
 
 
 def _to_device(value: object, device: torch.device) -> object:

@@ -426,10 +426,13 @@ def test_clear_forgets_every_entry():
 
 
 class _RingModel:
-    """The ring's bookkeeping in plain Python: a dict sample id -> (start, length) and a head."""
+    """The ring's bookkeeping in plain Python: a dict sample id -> (start, length) and a head, and the
+    host mirror of record_policy="new": the ids the last recording call recorded whatever the entries
+    were (`sure`; not recorded again by the next call) and every id that may hold an entry (`possible`)."""
 
     def __init__(self, capacity_rows: int):
         self.capacity, self.head, self.entries = capacity_rows, 0, {}
+        self.sure, self.possible = set(), set()
 
     def live(self, sample_id):
         entry = self.entries.get(sample_id)
@@ -442,11 +445,18 @@ class _RingModel:
             entry = self.live(sample_id)
             has_teacher.append(entry is not None and entry[1] == count)
             mismatched.append(entry is not None and entry[1] != count)
-            if policy == "all" or (policy == "new" and not has_teacher[-1]):
+            # "new": an entry found is consumed (a mismatched one too), a sample the previous call surely
+            # recorded is not recorded again
+            if policy == "all" or (policy == "new" and entry is None and sample_id not in self.sure):
                 new[sample_id] = (position, count)
                 position += count
             elif policy == "new":
                 new[sample_id] = None  # consumed
+        if policy == "all":
+            self.sure, self.possible = set(ids), self.possible | set(ids)
+        elif policy == "new":
+            fresh = [i for i in ids if i not in self.sure]
+            self.sure, self.possible = set(fresh) - self.possible, (self.possible | set(fresh)) - (set(ids) - set(fresh))
         self.entries.update(new)
         self.head = position
         self.entries = {i: e for i, e in self.entries.items() if e is not None and self.live(i) is not None}

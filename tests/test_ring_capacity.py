@@ -85,7 +85,8 @@ def test_default_ring_keeps_every_previous_teacher_with_dynamic_padding(backend,
     """A short first batch (SHORT tokens) then LONG ones: every step after the first finds the 4 teachers
     of the previous step (before the fix, the ring sized from the first call evicted all but one); the
     losses and gradients equal those of a ring with an ample explicit capacity, bitwise, and the grown
-    ring's memory is the formula's with C = reserve = the largest call's rows."""
+    ring's memory is the formula's with C = reserve = the most rows a call can record (its 4 new samples,
+    LONG - 1 positions each after the label shift): the floor (issue 20 item 4; before it, B * T)."""
     stream = _Stream()
     options = dict(teacher_storage=storage, topk=8)
     grown = _module(fused, backend, **options)
@@ -95,7 +96,7 @@ def test_default_ring_keeps_every_previous_teacher_with_dynamic_padding(backend,
     for (loss, grad, _), (loss_ample, grad_ample, _) in zip(results, expected):
         torch.testing.assert_close(loss, loss_ample, rtol=0, atol=0)
         torch.testing.assert_close(grad, grad_ample, rtol=0, atol=0)
-    largest = max(labels.numel() for _, labels, _ in stream.steps)  # 8 * LONG rows
+    largest = 4 * (LONG - 1)  # rows a DLB call can record: its 4 new samples
     ring = grown.ring
     assert (ring.capacity_rows, ring.physical_rows) == (largest, 2 * largest)
     assert ring.nbytes == _ring_tensor_bytes(ring) == grown.last_stats.ring_bytes
@@ -135,7 +136,7 @@ def test_grown_ring_loss_equals_the_float64_truth(backend):
         loss = loss_fn(logits, labels, ids)
         torch.testing.assert_close(loss.double(), truth["loss"], rtol=1e-5, atol=1e-6)
         assert int(loss_fn.last_stats.teacher_samples) == sum(bool(m[0]) for m in mask)
-    assert loss_fn.ring.capacity_rows == 8 * LONG
+    assert loss_fn.ring.capacity_rows == 4 * (LONG - 1)  # the rows one call can record (4 new samples)
 
 
 @pytest.mark.parametrize("storage", ["dense", "topk"])
@@ -160,7 +161,7 @@ def test_failed_growing_call_leaves_the_ring_unchanged(storage):
     for i, (rows, stats) in teachers.items():
         assert torch.equal(ring.teacher(i)[0], rows) and torch.equal(ring.teacher(i)[1], stats)
     loss_fn(stream.logits(hidden), labels, ids)
-    assert int(loss_fn.last_stats.teacher_samples) == 4 and ring.capacity_rows == labels.numel()
+    assert int(loss_fn.last_stats.teacher_samples) == 4 and ring.capacity_rows == 4 * (labels.shape[1] - 1)
 
 
 def test_fixed_capacity_that_a_call_overflows_warns_once():
@@ -217,7 +218,7 @@ def test_grown_ring_resumes_exactly(storage):
     # a module whose ring grew larger (a longer batch) takes the saved, smaller capacity back
     other = DynSDPBLoss(VOCAB, **options)
     other(torch.randn(8, 20, VOCAB), torch.randint(0, VOCAB, (8, 20)), torch.arange(100, 108))
-    assert other.ring.capacity_rows == 160
+    assert other.ring.capacity_rows == 8 * 19  # 8 new samples of 20 tokens, 19 of them can have a label
     other.load_state_dict(saved)
     assert other.ring.capacity_rows == first.ring.capacity_rows and other.ring.nbytes == first.ring.nbytes
     _assert_same_state(other.ring.state_dict(), first.ring.state_dict())
@@ -229,12 +230,12 @@ def test_grown_state_into_a_fixed_ring_of_another_capacity_is_refused():
     _run(stream, grown)
     fixed = DynSDPBLoss(VOCAB, backend="reference", capacity_rows=16)
     before = fixed.ring.state_dict()
-    with pytest.raises(ValueError, match=r"capacity_rows=96 but this ring has capacity_rows=16"):
+    with pytest.raises(ValueError, match=r"capacity_rows=44 but this ring has capacity_rows=16"):
         fixed.load_state_dict(grown.state_dict())
     _assert_same_state(before, fixed.ring.state_dict())
-    fixed_96 = DynSDPBLoss(VOCAB, backend="reference", capacity_rows=96)
-    fixed_96.load_state_dict(grown.state_dict())
-    _assert_same_state(fixed_96.ring.state_dict(), grown.ring.state_dict())
+    fixed_44 = DynSDPBLoss(VOCAB, backend="reference", capacity_rows=44)
+    fixed_44.load_state_dict(grown.state_dict())
+    _assert_same_state(fixed_44.ring.state_dict(), grown.ring.state_dict())
 
 
 def test_state_dict_of_the_dense_table_format_loads_into_a_growing_ring():
