@@ -58,7 +58,7 @@ def _cases():
         yield pytest.param(case, marks=marks, id=case)
 
 
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", list(_cases()))
 def test_vocabulary_loops_within_budget(rows, case):
     row = rows[case]
     instructions, mufu = BUDGETS[case]
