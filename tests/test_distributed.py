@@ -76,6 +76,9 @@ def _worker(rank, port, out_dir):
         dist.barrier()  # both ranks are done with every collective before either tears gloo down
     finally:
         dist.destroy_process_group()
+    # reached only when the worker succeeded (its record is written and closed): skip the interpreter's
+    # teardown, where gloo's threads were seen to hang a rank after its peer had exited (a flake of CI)
+    os._exit(0)
 
 
 def _free_port():

@@ -87,6 +87,9 @@ def _worker(rank, port, out_dir, engine):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # reached only when the worker succeeded (its record is written and closed): skip the interpreter's
+    # teardown, where gloo's threads were seen to hang a rank after its peer had exited (a flake of CI)
+    os._exit(0)
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
