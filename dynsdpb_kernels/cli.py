@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--teacher-storage", choices=["dense", "topk"], default="dense")
     finetune.add_argument("--topk", type=int, default=64, help="k for --teacher-storage topk")
     study = commands.add_parser(
-        "study", help="CE vs DLB vs DynSDPB (and the two halves of the dynamic rule) over seeds: held-out scores with 95%% CIs",
+        "study", help="CE vs DLB vs DynSDPB (the two halves of the dynamic rule, compute-matched CE, last-visit teachers) over seeds: held-out scores with 95%% CIs and cost",
         formatter_class=defaults_shown,
     )
     study.add_argument(
@@ -80,7 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--tiny", action="store_true", help="CI configuration: tiny random LLaMA, 2 seeds, a few steps")
     study.add_argument("--seeds", type=int, default=None, help="seeds per arm and task (None: 5, or 2 with --tiny)")
-    study.add_argument("--arms", type=_str_list, default=None, help="comma-separated, of ce,dlb,dynsdpb,alpha_only,tau_only (None: all)")
+    study.add_argument(
+        "--arms", type=_str_list, default=None,
+        help="comma-separated, of ce,ce_rerun,dlb,dynsdpb,alpha_only,tau_only (the default) and the compute-matched arms "
+        "ce_long,ce_ls,lastvisit,lastvisit_static; 'compute': ce,ce_long,ce_ls,ce_rerun,dlb,dynsdpb,lastvisit,lastvisit_static",
+    )
+    study.add_argument("--epochs", type=int, default=None, help="passes over the train split per run (None: each task's fixed steps)")
     study.add_argument("--tasks", type=_str_list, default=None, help="comma-separated, of sentiment,gsm (None: both)")
     study.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default, one per core)")
     study.add_argument("--lr", type=float, default=None, help="learning rate of every task (None: each task's default, 1e-4); another --out")
@@ -95,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         from .tools.study import StudyConfig, run_study, summarize
 
         config = StudyConfig.tiny(args.out) if args.tiny else StudyConfig(out=args.out)
-        overrides = {"seeds": args.seeds, "arms": args.arms, "tasks": args.tasks, "threads": args.threads}
+        from .tools.study import COMPUTE_ARMS
+
+        arms = COMPUTE_ARMS if args.arms == ["compute"] else args.arms
+        overrides = {"seeds": args.seeds, "arms": arms, "tasks": args.tasks, "threads": args.threads, "epochs": args.epochs}
         for name, value in overrides.items():
             if value is not None:  # check_config names bad values (seeds 0, unknown arms, ...)
                 setattr(config, name, tuple(value) if isinstance(value, list) else value)

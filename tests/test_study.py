@@ -14,7 +14,9 @@ from dynsdpb_kernels.cli import main
 from dynsdpb_kernels.tools.finetune import ByteTokenizer, tiny_llama
 from dynsdpb_kernels.tools.study import (
     ARMS,
+    COMPUTE_ARMS,
     CSV_COLUMNS,
+    DEFAULT_ARMS,
     Example,
     StudyConfig,
     TopModel,
@@ -33,7 +35,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == CSV_COLUMNS
-    expected = {(task, arm, str(seed)) for task in ("sentiment", "gsm") for arm in ARMS for seed in range(2)}
+    expected = {(task, arm, str(seed)) for task in ("sentiment", "gsm") for arm in DEFAULT_ARMS for seed in range(2)}
     assert {(r["task"], r["arm"], r["seed"]) for r in rows} == expected
     for row in rows:
         assert 0.0 <= float(row["value"]) <= 1.0 and float(row["wall_s"]) > 0 and math.isfinite(float(row["heldout_loss"]))
@@ -41,7 +43,7 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     for task in ("sentiment", "gsm"):
         arms = summary["tasks"][task]["arms"]
-        assert set(arms) == set(ARMS) and "diff_to_ce" not in arms["ce"]
+        assert set(arms) == set(DEFAULT_ARMS) and "diff_to_ce" not in arms["ce"]
         assert "diff_to_ce_rerun" in arms["dlb"] and not {"diff_to_ce_rerun"} & (set(arms["ce"]) | set(arms["ce_rerun"]))
         assert {"diff_to_dlb"} <= set(arms["dynsdpb"]) & set(arms["alpha_only"]) & set(arms["tau_only"])
         assert not {"diff_to_dlb"} & (set(arms["ce"]) | set(arms["ce_rerun"]) | set(arms["dlb"]))
@@ -57,13 +59,13 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     # every DLB-arm run found a teacher for each re-run sample after the first step
     for path in (out / "runs").glob("*-seed*.json"):
         run = json.loads(path.read_text())
-        assert run["teacher_misses_after_first"] == 0
+        assert run["teacher_misses"] == 0
         assert (run["teacher_samples"] > 0) == (ARMS[run["arm"]].dynamic is not None)
     # step 1 has no previous samples: every arm starts from the same weights on the same batch, and the
     # distilling arms have no teacher yet (their loss is the CE); ce_rerun is DLB's batch without distillation
     for task in ("sentiment", "gsm"):
         for seed in range(2):
-            runs = {arm: json.loads((out / "runs" / f"{task}-{arm}-seed{seed}.json").read_text()) for arm in ARMS}
+            runs = {arm: json.loads((out / "runs" / f"{task}-{arm}-seed{seed}.json").read_text()) for arm in DEFAULT_ARMS}
             for arm, run in runs.items():
                 assert run["train_ce"][0] == pytest.approx(runs["ce"]["train_ce"][0], rel=1e-5)
                 assert run["train_loss"][0] == pytest.approx(run["train_ce"][0], rel=1e-6)
@@ -79,6 +81,48 @@ def test_tiny_study_runs_and_resumes(tmp_path):
     after = json.loads(target.read_text())
     assert after["train_ce"] == before["train_ce"] and after["heldout"] == before["heldout"]
     assert (out / "runs" / "sentiment-ce-seed0.json").stat().st_mtime_ns == untouched
+
+
+def test_compute_matched_study(tmp_path):
+    """--epochs and the compute-matched arms: ce_long makes twice the updates of ce on the same stream,
+    ce_ls is label-smoothed CE, the last-visit arms see no re-run and get a teacher for every sample of
+    the second epoch (their first epoch is plain CE), and the summary carries the cost columns and the
+    comparisons with ce_long."""
+    out = tmp_path / "compute"
+    main(["study", "--tiny", "--epochs", "2", "--tasks", "gsm", "--arms", "compute", "--out", str(out)])
+    per_epoch = 6  # 12 train examples, 2 new samples a step
+    runs = {(arm, seed): json.loads((out / "runs" / f"gsm-{arm}-seed{seed}.json").read_text()) for arm in COMPUTE_ARMS for seed in range(2)}
+    for (arm, seed), run in runs.items():
+        spec = ARMS[arm]
+        assert run["updates"] == len(run["train_ce"]) == 2 * per_epoch * spec.passes
+        assert run["sample_passes"] == (2 * 12 * spec.passes if not spec.rerun else 2 * 12 + 2 * 12 - 2)
+        assert run["teacher_misses"] == 0
+        if spec.teacher == "previous_visit":
+            assert run["teacher_samples"] == 12  # every sample of epoch 2, none in epoch 1
+            # epoch 1 is plain CE on the same batches as ce: the same losses step by step
+            assert run["train_loss"][:per_epoch] == pytest.approx(runs[("ce", seed)]["train_loss"][:per_epoch], rel=1e-5)
+            assert run["train_loss"][per_epoch:] != pytest.approx(run["train_ce"][per_epoch:], rel=1e-7)
+    for seed in range(2):
+        ce, long = runs[("ce", seed)], runs[("ce_long", seed)]
+        assert long["train_ce"][: len(ce["train_ce"])] == pytest.approx(ce["train_ce"], rel=1e-6)  # same stream, then more
+        smoothed = runs[("ce_ls", seed)]
+        assert smoothed["train_ce"][0] == pytest.approx(ce["train_ce"][0], rel=1e-6)
+        assert smoothed["train_loss"][0] > smoothed["train_ce"][0]  # label smoothing's term on top of CE
+    summary = json.loads((out / "summary.json").read_text())["tasks"]["gsm"]
+    arms = summary["arms"]
+    assert set(arms) == set(COMPUTE_ARMS) and summary["timing"]["steps_timed"] == 1
+    assert "diff_to_ce" in arms["ce_long"] and not {"diff_to_ce", "diff_to_ce_long"} & set(arms["ce"])
+    assert all("diff_to_ce_long" in arms[a] for a in COMPUTE_ARMS if a not in ("ce", "ce_long"))
+    assert "diff_to_ce_rerun" in arms["lastvisit"] and "diff_to_dlb" not in arms["lastvisit"]
+    for arm in COMPUTE_ARMS:
+        timed = summary["timing"]["arms"][arm]
+        assert arms[arm]["full_model_s"] == pytest.approx(timed["s_per_update"] * arms[arm]["updates"])
+        assert timed["samples_per_update"] == (4 if ARMS[arm].rerun else 2)
+        assert (timed["teacher_samples_last"] > 0) == (ARMS[arm].dynamic is not None)
+    assert arms["ce_ls"]["distill_term"]["mean"] == 0.0
+    table = (out / "summary.md").read_text()
+    assert "difference to ce_long [95% CI]" in table and "full fine-tuning s/run" in table and "| lastvisit | 2 |" in table
+    assert (out / "gsm_cost.png").is_file()
 
 
 def test_split_model_equals_the_full_model():
@@ -149,7 +193,11 @@ def test_confidence_interval_matches_scipy():
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"arms": ("ce", "kd")}, "arms must be among"), ({"tasks": ("mnli",)}, "tasks must be among"), ({"seeds": 0}, "seeds must be a positive int")],
+    [
+        ({"arms": ("ce", "kd")}, "arms must be among"), ({"tasks": ("mnli",)}, "tasks must be among"),
+        ({"seeds": 0}, "seeds must be a positive int"), ({"epochs": 0}, "epochs must be a positive int"),
+        ({"timing_steps": -1}, "timing_steps must be an int >= 0"),
+    ],
 )
 def test_bad_study_options_are_named(tmp_path, change, message):
     config = StudyConfig.tiny(tmp_path)

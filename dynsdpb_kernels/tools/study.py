@@ -56,10 +56,16 @@ SENTIMENT_PATH = DATA_PATH.parent / "rt_snippets.jsonl.gz"
 @dataclass(frozen=True)
 class Arm:
     """How an arm trains. rerun: on DLB's batch (the previous step's new samples + the new ones) instead of
-    the new samples only. dynamic: the `dynamic` option of its DynSDPBLoss; None: plain cross-entropy."""
+    the new samples only. dynamic: the `dynamic` option of its DynSDPBLoss; None: plain cross-entropy.
+    passes: epochs (or steps) of the study's schedule it trains (2: twice the updates, as many sample passes
+    as a re-running arm). label_smoothing: of its cross-entropy (plain CE arms only). teacher: DynSDPBLoss's
+    `teacher` ("previous_visit": each sample taught by its own logits from the previous epoch, no re-run)."""
 
     rerun: bool
     dynamic: bool | str | None
+    passes: int = 1
+    label_smoothing: float = 0.0
+    teacher: str = "previous_batch"
 
 
 ARMS: dict[str, Arm] = {
@@ -69,7 +75,17 @@ ARMS: dict[str, Arm] = {
     "dynsdpb": Arm(rerun=True, dynamic=True),
     "alpha_only": Arm(rerun=True, dynamic="alpha"),
     "tau_only": Arm(rerun=True, dynamic="tau"),
+    # the compute-matched arms (docs/study_compute): plain CE for twice the epochs (the sample passes of a
+    # re-running arm), CE with label smoothing 0.1 (a free regulariser), and last-visit teachers
+    "ce_long": Arm(rerun=False, dynamic=None, passes=2),
+    "ce_ls": Arm(rerun=False, dynamic=None, label_smoothing=0.1),
+    "lastvisit": Arm(rerun=False, dynamic=True, teacher="previous_visit"),
+    "lastvisit_static": Arm(rerun=False, dynamic=False, teacher="previous_visit"),
 }
+# `dynsdpb study` without --arms: the previous-batch study (docs/study, docs/study_lr1e-3)
+DEFAULT_ARMS = ("ce", "ce_rerun", "dlb", "dynsdpb", "alpha_only", "tau_only")
+# the compute-matched study (docs/study_compute)
+COMPUTE_ARMS = ("ce", "ce_long", "ce_ls", "ce_rerun", "dlb", "dynsdpb", "lastvisit", "lastvisit_static")
 TASKS = ("sentiment", "gsm")
 
 # two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (standard tables; e.g. scipy.stats.t.ppf)
@@ -97,7 +113,7 @@ class StudyConfig:
     out: Path = Path("dynsdpb_study")
     model: str = "auto"  # as `dynsdpb finetune --model`; "tiny" for the CI configuration
     seeds: int = 5
-    arms: tuple[str, ...] = tuple(ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     tasks: tuple[str, ...] = TASKS
     batch_size: int = 4  # new samples per optimizer update in every arm
     top_layers: int = 1  # decoder layers trained (with the final norm); the ones below are frozen
@@ -106,6 +122,8 @@ class StudyConfig:
     curve_points: int = 3  # held-out evaluations on a subset during training (the training curve)
     sentiment: TaskSpec = field(default_factory=lambda: TaskSpec(steps=80, max_length=64, train_examples=320, test_examples=1200, lr=1e-4, curve_examples=200))
     gsm: TaskSpec = field(default_factory=lambda: TaskSpec(steps=40, max_length=128, train_examples=160, test_examples=100, lr=1e-4, curve_examples=50))
+    epochs: int | None = None  # passes over the train split per run (None: each task's `steps`)
+    timing_steps: int = 3  # full-model steps timed per arm (0: none); see time_full_model
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default (one per core)
     cache_dir: Path = FinetuneConfig.cache_dir
 
@@ -114,7 +132,7 @@ class StudyConfig:
         """The CI configuration: a small random LLaMA, 2 seeds, a few steps, small splits."""
         spec = dict(train_examples=12, test_examples=12, lr=2e-3, curve_examples=6)
         return cls(
-            out=out, model="tiny", seeds=2, batch_size=2, curve_points=2,
+            out=out, model="tiny", seeds=2, batch_size=2, curve_points=2, timing_steps=1,
             sentiment=TaskSpec(steps=5, max_length=256, **spec), gsm=TaskSpec(steps=4, max_length=384, **spec),
         )  # fmt: skip
 
@@ -130,7 +148,17 @@ class StudyConfig:
 
     def identity(self) -> dict:
         """What a stored run must agree with to be reused (everything but out and the number of seeds)."""
-        return {k: str(v) for k, v in asdict(self).items() if k not in ("out", "seeds", "arms", "tasks", "threads", "cache_dir")}
+        skipped = ("out", "seeds", "arms", "tasks", "threads", "cache_dir", "timing_steps")
+        identity = {k: str(v) for k, v in asdict(self).items() if k not in skipped}
+        if self.epochs is None:  # as before the option existed: the earlier studies' runs stay readable
+            del identity["epochs"]
+        return identity
+
+    def steps(self, task: str, n_train: int, arm: str) -> int:
+        """Optimizer updates of one run of `arm`: the task's steps, or epochs x steps per epoch (one step per
+        batch_size new samples, the last one smaller); times the arm's passes."""
+        per_pass = self.task(task).steps if self.epochs is None else self.epochs * math.ceil(n_train / self.batch_size)
+        return per_pass * ARMS[arm].passes
 
 
 def check_config(config: StudyConfig) -> None:
@@ -142,9 +170,12 @@ def check_config(config: StudyConfig) -> None:
     if unknown_tasks:
         raise ValueError(f"tasks must be among {list(TASKS)}, got {unknown_tasks}")
     counts = [("seeds", config.seeds), ("batch_size", config.batch_size), ("top_layers", config.top_layers)]
-    for name, value in counts + ([("threads", config.threads)] if config.threads is not None else []):
-        if not isinstance(value, int) or value < 1:
+    optional = [(name, getattr(config, name)) for name in ("threads", "epochs") if getattr(config, name) is not None]
+    for name, value in counts + optional:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(config.timing_steps, int) or config.timing_steps < 0:
+        raise ValueError(f"timing_steps must be an int >= 0, got {config.timing_steps!r}")
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -391,55 +422,77 @@ def step_batches(n_train: int, batch_size: int, steps: int, seed: int) -> list[t
     return out
 
 
+def make_loss(arm: str, vocab_size: int, config: StudyConfig, max_rows: int) -> DynSDPBLoss | None:
+    """The arm's DynSDPBLoss (None for the plain-CE arms). A previous-batch ring has room for two steps' new
+    samples (no evictions); a previous-visit ring grows to the whole train split (top-k teachers, k = 64)."""
+    spec = ARMS[arm]
+    if spec.dynamic is None:
+        return None
+    capacity = 4 * config.batch_size * max_rows if spec.teacher == "previous_batch" else None
+    return DynSDPBLoss(
+        vocab_size, alpha=config.alpha, tau=config.tau, dynamic=spec.dynamic, shift_labels=False,
+        capacity_rows=capacity, teacher=spec.teacher,
+    )  # fmt: skip
+
+
+def arm_loss(arm: str, loss_fn: DynSDPBLoss | None, logits: torch.Tensor, labels: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """The arm's training loss of one batch: (label-smoothed) CE, or DynSDPBLoss keyed by the sample ids."""
+    if loss_fn is None:
+        smoothing = ARMS[arm].label_smoothing
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=smoothing)
+    return loss_fn(logits, labels, torch.tensor(ids))
+
+
 def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data: dict, config: StudyConfig, progress=None) -> dict:
-    """Train `arm` from the initial weights; returns the run record (scores, curves, wall time)."""
+    """Train `arm` from the initial weights; returns the run record (scores, curves, cost, wall time)."""
     spec = config.task(task)
     train, test, train_features, test_features, tokens = (data[k] for k in ("train", "test", "train_features", "test_features", "tokens"))
     top.load_state_dict(initial)
     top.train()
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(top.trainable(), lr=spec.lr, weight_decay=0.0)
-    dynamic = ARMS[arm].dynamic
-    loss_fn = None
-    if dynamic is not None:
-        max_rows = max(len(e.target_positions) for e in train)
-        loss_fn = DynSDPBLoss(
-            top.head_weight.shape[0], alpha=config.alpha, tau=config.tau, dynamic=dynamic, shift_labels=False,
-            capacity_rows=4 * config.batch_size * max_rows,  # room for two steps' new samples: no evictions
-        )  # fmt: skip
-    curve_at = {round(spec.steps * (i + 1) / config.curve_points) for i in range(config.curve_points)} if config.curve_points else set()
+    loss_fn = make_loss(arm, top.head_weight.shape[0], config, max(len(e.target_positions) for e in train))
+    steps = config.steps(task, len(train), arm)
+    curve_at = {round(steps * (i + 1) / config.curve_points) for i in range(config.curve_points)} if config.curve_points else set()
     curve_examples = test[: spec.curve_examples]
     record = {"task": task, "arm": arm, "seed": seed, "train_ce": [], "train_loss": [], "curve": [],
-              "teacher_samples": 0, "teacher_misses_after_first": 0}  # fmt: skip
+              "teacher_samples": 0, "teacher_misses": 0, "sample_passes": 0}  # fmt: skip
     train_seconds = 0.0
+    seen: set[int] = set()  # samples visited so far (a previous-visit teacher exists for each)
+    previous_new: list[int] = []
     cpu_started = time.process_time()  # CPU time of all threads: the cost, whatever else shares the machine
-    for step, (batch, new) in enumerate(step_batches(len(train), config.batch_size, spec.steps, seed), start=1):
+    for step, (batch, new) in enumerate(step_batches(len(train), config.batch_size, steps, seed), start=1):
         started = time.perf_counter()
         ids = batch if ARMS[arm].rerun else new
         feats, mask, positions, labels = batch_tensors(train, ids, train_features)
         logits = top(feats, mask, positions)
+        loss = arm_loss(arm, loss_fn, logits, labels, ids)
         if loss_fn is None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-            ce = float(loss.detach())
+            ce = float(F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX))
         else:
-            loss = loss_fn(logits, labels, torch.tensor(ids))
             stats = loss_fn.last_stats
             ce = float(stats.loss.ce)
             record["teacher_samples"] += int(stats.teacher_samples)
-            if step > 1:  # a teacher is expected for every re-run sample after the first step
-                record["teacher_misses_after_first"] += len(batch) - len(new) - int(stats.teacher_samples)
+            # a teacher is expected for each sample of the previous step's new ones (previous batch) or
+            # for each sample visited before (previous visit)
+            expected = previous_new if ARMS[arm].teacher == "previous_batch" else [i for i in ids if i in seen]
+            record["teacher_misses"] += len(set(expected) & set(ids)) - int(stats.teacher_samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         train_seconds += time.perf_counter() - started
+        seen.update(ids)
+        previous_new = new
+        record["sample_passes"] += len(ids)
         record["train_ce"].append(ce)
         record["train_loss"].append(float(loss.detach()))
         if step in curve_at:
             scores = evaluate(top, task, curve_examples, test_features, tokens)
             record["curve"].append({"step": step, **scores})
         if progress is not None:
-            progress.set_postfix_str(f"{task}/{arm}/seed{seed} step {step}/{spec.steps} ce {ce:.3f}")
+            progress.set_postfix_str(f"{task}/{arm}/seed{seed} step {step}/{steps} ce {ce:.3f}")
     record["cpu_s"] = time.process_time() - cpu_started  # includes the curve evaluations
+    record["updates"] = steps
     started = time.perf_counter()
     record["heldout"] = evaluate(top, task, test, test_features, tokens)
     record["eval_s"] = time.perf_counter() - started
@@ -447,6 +500,66 @@ def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data
     record["metric"] = headline(task)
     record["value"] = record["heldout"][record["metric"]]
     return record
+
+
+def time_full_model(loaded, task: str, train: list[Example], arms: tuple[str, ...], config: StudyConfig) -> dict:
+    """Seconds per optimizer update of each arm when the whole model is fine-tuned (every parameter but the
+    tied embedding trained, the full forward and backward from the token ids), so that a run's cost in full
+    fine-tuning is updates x this. Median of config.timing_steps timed steps of seed 0's stream, after one
+    untimed step; a previous-visit arm first visits the timed batches once, untimed, so the timed steps
+    read teachers. The model's weights are restored afterwards."""
+    import statistics
+
+    model = loaded.model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    head = model.get_output_embeddings().weight
+    trained = [p for p in model.parameters() if p is not head]
+    n = config.timing_steps
+    out: dict = {"steps_timed": n, "threads": torch.get_num_threads(), "arms": {}}
+    max_rows = max(len(e.target_positions) for e in train)
+    try:
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        for arm in arms:
+            optimizer = torch.optim.AdamW(trained, lr=1e-6, weight_decay=0.0)
+            loss_fn = make_loss(arm, head.shape[0], config, max_rows)
+            stream = step_batches(len(train), config.batch_size, n + 2, seed=0)
+            batches = [(b if ARMS[arm].rerun else new) for b, new in stream]
+
+            def step(ids: list[int]) -> float:
+                started = time.perf_counter()
+                chosen = [train[i] for i in ids]
+                input_ids, attention = _pad_ids(chosen, loaded.pad_id)
+                k = max(len(e.target_positions) for e in chosen)
+                positions = torch.zeros(len(ids), k, dtype=torch.long)
+                labels = torch.full((len(ids), k), IGNORE_INDEX)
+                for row, e in enumerate(chosen):
+                    positions[row, : len(e.target_positions)] = e.target_positions
+                    labels[row, : len(e.target_tokens)] = e.target_tokens
+                hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+                picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+                loss = arm_loss(arm, loss_fn, picked @ head.T, labels, ids)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                return time.perf_counter() - started
+
+            warm = batches[:2] if ARMS[arm].teacher == "previous_batch" else batches[:1] + batches[2:]
+            for ids in warm:  # untimed: the first step, and a previous-visit arm's first visit
+                step(ids)
+            seconds = [step(ids) for ids in batches[2:]]
+            out["arms"][arm] = {"s_per_update": statistics.median(seconds), "samples_per_update": len(batches[2]),
+                                "teacher_samples_last": int(loss_fn.last_stats.teacher_samples) if loss_fn is not None else 0}  # fmt: skip
+    finally:
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        model.load_state_dict(saved)
+    out["task"] = task
+    out["model"] = loaded.description
+    out["machine"] = machine()
+    out["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return out
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -542,6 +655,16 @@ def run_study(config: StudyConfig) -> dict:
             scores = evaluate(top, task, test, data["test_features"], data["tokens"])
             _write_json(start_path, {"task": task, "heldout": scores, "train_examples": len(train), "test_examples": len(test),
                                      "features_s": features_s, "identity": identity})  # fmt: skip
+        timing_path = config.out / f"timing-{task}.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
+        if timing is not None and timing.get("identity") != identity:
+            raise ValueError(f"{timing_path} was measured for another configuration; use another --out")
+        missing = tuple(a for a in config.arms if timing is None or a not in timing["arms"])
+        if config.timing_steps and missing:
+            measured = time_full_model(loaded, task, train, missing, config)
+            if timing is not None:
+                measured["arms"] = {**timing["arms"], **measured["arms"]}
+            _write_json(timing_path, {**measured, "identity": identity})
         for _, arm, seed in task_todo:
             path = runs_dir / f"{task}-{arm}-seed{seed}.json"
             if path.is_file() or not _claim(path):  # done or being done by another worker on this folder
@@ -560,20 +683,25 @@ def run_study(config: StudyConfig) -> dict:
 
 
 # baseline arm -> which arms are compared with it (paired differences with 95% CIs in the summary): every
-# arm with ce; the distilling arms with ce_rerun (what distillation adds to the re-run); the dynamic arms
-# with dlb (what the dynamic rule adds to DLB's constant alpha and tau)
+# arm with ce; every other arm with ce_long (plain CE at the sample passes of a re-running arm); the
+# distilling arms with ce_rerun (what distillation adds to the re-run); the dynamic arms with dlb (what the
+# dynamic rule adds to DLB's constant alpha and tau)
 BASELINES = {
     "ce": lambda arm: True,
-    "ce_rerun": lambda arm: arm.dynamic is not None,
-    "dlb": lambda arm: arm.dynamic not in (None, False),
+    "ce_long": lambda arm: arm != "ce",
+    "ce_rerun": lambda arm: ARMS[arm].dynamic is not None,
+    "dlb": lambda arm: ARMS[arm].dynamic not in (None, False) and ARMS[arm].teacher == "previous_batch",
 }
 
 CSV_COLUMNS = ["task", "arm", "seed", "metric", "value", "wall_s", "cpu_s", "heldout_loss", "two_way_accuracy", "eval_s", "steps",
-               "final_train_ce", "mean_distill_term"]  # fmt: skip
+               "sample_passes", "final_train_ce", "mean_distill_term"]  # fmt: skip
 
 
 def mean_distill_term(run: dict) -> float:
-    """Mean over steps of the loss minus its CE part: the distillation term as trained (0 for the CE arms)."""
+    """Mean over steps of the loss minus its CE part: the distillation term as trained (0 for the CE arms,
+    whose loss minus CE is label smoothing's term in ce_ls)."""
+    if ARMS[run["arm"]].dynamic is None:
+        return 0.0
     return sum(loss - ce for loss, ce in zip(run["train_loss"], run["train_ce"])) / len(run["train_ce"])
 
 
@@ -597,7 +725,7 @@ def summarize(config: StudyConfig, description: str | None = None) -> dict:
                 "value": f"{run['value']:.6f}", "wall_s": f"{run['wall_s']:.3f}", "cpu_s": f"{run['cpu_s']:.3f}",
                 "heldout_loss": f"{run['heldout']['loss']:.6f}",
                 "two_way_accuracy": f"{run['heldout']['two_way_accuracy']:.6f}" if "two_way_accuracy" in run["heldout"] else "",
-                "eval_s": f"{run['eval_s']:.3f}", "steps": len(run["train_ce"]),
+                "eval_s": f"{run['eval_s']:.3f}", "steps": len(run["train_ce"]), "sample_passes": run.get("sample_passes", ""),
                 "final_train_ce": f"{sum(run['train_ce'][-10:]) / len(run['train_ce'][-10:]):.6f}",
                 "mean_distill_term": f"{mean_distill_term(run):.3e}",
             })  # fmt: skip
@@ -608,15 +736,21 @@ def summarize(config: StudyConfig, description: str | None = None) -> dict:
         if not by_arm:
             continue
         start = json.loads((runs_dir / f"{task}-start.json").read_text())
+        timing_path = config.out / f"timing-{task}.json"
+        timing = json.loads(timing_path.read_text()) if timing_path.is_file() else None
         entry: dict = {"metric": headline(task), "heldout_start": start["heldout"], "train_examples": start["train_examples"],
-                       "test_examples": start["test_examples"], "arms": {}}  # fmt: skip
+                       "test_examples": start["test_examples"], "arms": {}, "timing": timing}  # fmt: skip
         for arm, arm_runs in by_arm.items():
             values = [r["value"] for r in arm_runs]
             stats = {"value": mean_std_ci(values), "heldout_loss": mean_std_ci([r["heldout"]["loss"] for r in arm_runs]),
                      "wall_s": mean_std_ci([r["wall_s"] for r in arm_runs]), "cpu_s": mean_std_ci([r["cpu_s"] for r in arm_runs])}  # fmt: skip
             stats["distill_term"] = mean_std_ci([mean_distill_term(r) for r in arm_runs])
+            stats["updates"] = len(arm_runs[0]["train_ce"])
+            stats["sample_passes"] = arm_runs[0].get("sample_passes")
+            if timing is not None and arm in timing["arms"]:  # full fine-tuning: updates x measured s/update
+                stats["full_model_s"] = timing["arms"][arm]["s_per_update"] * stats["updates"]
             for baseline in BASELINES:  # paired over the seeds both arms have
-                if baseline not in by_arm or not BASELINES[baseline](ARMS[arm]) or arm == baseline:
+                if baseline not in by_arm or not BASELINES[baseline](arm) or arm == baseline:
                     continue
                 base = {r["seed"]: r for r in by_arm[baseline]}
                 paired = [r for r in arm_runs if r["seed"] in base]
@@ -640,23 +774,34 @@ def _interval(stats: dict | None, digits: int = 4) -> str:
     return f"{stats['mean']:+.{digits}f} [{stats['ci_low']:+.{digits}f}, {stats['ci_high']:+.{digits}f}]"
 
 
+def _baselines(entry: dict) -> list[str]:
+    """The BASELINES that some arm of this task was compared with (the summary's difference columns)."""
+    return [b for b in BASELINES if any(f"diff_to_{b}" in stats for stats in entry["arms"].values())]
+
+
+def _cost_cells(stats: dict) -> list[str]:
+    """updates, sample passes (forward/backward passes over a sample), CPU s of the trained top layers, and
+    the full fine-tuning estimate (updates x measured s/update; '-' when not timed)."""
+    full = stats.get("full_model_s")
+    return [str(stats["updates"]), str(stats.get("sample_passes") or "-"), f"{stats['cpu_s']['mean']:.1f}", f"{full:.3g}" if full is not None else "-"]
+
+
 def format_summary(summary: dict) -> str:
-    """The printed summary: per task and arm, the held-out metric, its paired differences to ce, ce_rerun
-    and dlb with 95% CIs (BASELINES), the held-out loss, the mean distillation term and the time per run."""
+    """The printed summary: per task and arm, the held-out metric, its paired differences with 95% CIs to
+    each baseline arm present (BASELINES), the held-out loss, the mean distillation term and the cost."""
     lines = [f"model: {summary['model']}"]
     for task, entry in summary["tasks"].items():
         start = entry["heldout_start"][entry["metric"]]
+        baselines = _baselines(entry)
         lines.append(f"\n{task}: held-out {entry['metric']} ({entry['test_examples']} examples; {start:.4f} before training)")
-        lines.append(
-            f"{'arm':>11} {'n':>2} {'mean':>7} {'std':>7} {'diff to ce [95% CI]':>27} {'diff to ce_rerun [95% CI]':>27} "
-            f"{'diff to dlb [95% CI]':>27} {'loss':>7} {'distill':>8} {'train s':>8} {'CPU s':>7}"
-        )  # fmt: skip
+        header = f"{'arm':>16} {'n':>2} {'mean':>7} {'std':>7} " + " ".join(f"{'diff to ' + b + ' [95% CI]':>27}" for b in baselines)
+        lines.append(header + f" {'loss':>7} {'distill':>8} {'updates':>7} {'passes':>6} {'CPU s':>7} {'full s':>7}")
         for arm, stats in entry["arms"].items():
+            cells = " ".join(f"{_interval(stats.get(f'diff_to_{b}')):>27}" for b in baselines)
+            updates, passes, cpu, full = _cost_cells(stats)
             lines.append(
-                f"{arm:>11} {stats['value']['n']:>2} {stats['value']['mean']:>7.4f} {stats['value']['std']:>7.4f} "
-                f"{_interval(stats.get('diff_to_ce')):>27} {_interval(stats.get('diff_to_ce_rerun')):>27} "
-                f"{_interval(stats.get('diff_to_dlb')):>27} {stats['heldout_loss']['mean']:>7.4f} {stats['distill_term']['mean']:>8.1e} "
-                f"{stats['wall_s']['mean']:>8.1f} {stats['cpu_s']['mean']:>7.1f}"
+                f"{arm:>16} {stats['value']['n']:>2} {stats['value']['mean']:>7.4f} {stats['value']['std']:>7.4f} {cells} "
+                f"{stats['heldout_loss']['mean']:>7.4f} {stats['distill_term']['mean']:>8.1e} {updates:>7} {passes:>6} {cpu:>7} {full:>7}"
             )  # fmt: skip
     return "\n".join(lines)
 
@@ -667,26 +812,49 @@ def format_markdown(summary: dict) -> str:
     for task, entry in summary["tasks"].items():
         metric = entry["metric"]
         start = entry["heldout_start"][metric]
+        baselines = _baselines(entry)
+        header = [
+            "arm", "seeds", f"{metric}: mean ± std", *(f"difference to {b} [95% CI]" for b in baselines), "held-out loss",
+            *(f"loss difference to {b} [95% CI]" for b in baselines), "distillation term", "updates", "sample passes",
+            "CPU s/run", "full fine-tuning s/run",
+        ]  # fmt: skip
         lines += [
             f"**{task}** (held-out {metric} on {entry['test_examples']} examples; {start:.4f} before training):", "",
-            f"| arm | seeds | {metric}: mean ± std | difference to ce [95% CI] | difference to ce_rerun [95% CI] "
-            "| difference to dlb [95% CI] | held-out loss | loss difference to ce [95% CI] "
-            "| loss difference to ce_rerun [95% CI] | loss difference to dlb [95% CI] | distillation term "
-            "| train s/run | CPU s/run |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
         ]  # fmt: skip
         for arm, stats in entry["arms"].items():
             value = stats["value"]
             cells = [
                 arm, str(value["n"]), f"{value['mean']:.4f} ± {value['std']:.4f}",
-                *(_interval(stats.get(f"diff_to_{baseline}")) or "-" for baseline in BASELINES),
+                *(_interval(stats.get(f"diff_to_{b}")) or "-" for b in baselines),
                 f"{stats['heldout_loss']['mean']:.4f}",
-                *(_interval(stats.get(f"loss_diff_to_{baseline}")) or "-" for baseline in BASELINES),
-                f"{stats['distill_term']['mean']:.1e}", f"{stats['wall_s']['mean']:.1f}", f"{stats['cpu_s']['mean']:.1f}",
+                *(_interval(stats.get(f"loss_diff_to_{b}")) or "-" for b in baselines),
+                f"{stats['distill_term']['mean']:.1e}", *_cost_cells(stats),
             ]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def plot_cost(plt, task: str, entry: dict, out: Path) -> None:
+    """OUT/<task>_cost.png: the held-out metric (mean over seeds, 95% CI as error bars) of each arm against its
+    cost: full fine-tuning seconds per run where measured, else sample passes per run."""
+    arms = entry["arms"]
+    timed = all("full_model_s" in stats for stats in arms.values())
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for arm, stats in arms.items():
+        x = stats["full_model_s"] if timed else (stats.get("sample_passes") or stats["updates"])
+        value = stats["value"]
+        error = [[value["mean"] - value["ci_low"]], [value["ci_high"] - value["mean"]]] if value["n"] > 1 else None
+        axis.errorbar([x], [value["mean"]], yerr=error, fmt="o", capsize=3, label=arm)
+        axis.annotate(arm, (x, value["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xlabel("full fine-tuning seconds per run (updates x measured s/update)" if timed else "sample passes per run")
+    axis.set_ylabel(f"held-out {entry['metric']}")
+    axis.set_title(f"{task}: metric against cost (mean over seeds, 95% CI)", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / f"{task}_cost.png", dpi=120)
+    plt.close(figure)
 
 
 def plot_results(runs: list[dict], summary: dict, out: Path) -> None:
@@ -714,6 +882,7 @@ def plot_results(runs: list[dict], summary: dict, out: Path) -> None:
         figure.tight_layout()
         figure.savefig(out / f"{task}.png", dpi=120)
         plt.close(figure)
+        plot_cost(plt, task, entry, out)
     tasks = list(summary["tasks"])
     figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6), squeeze=False)
     for column, task in enumerate(tasks):
