@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dynsdpb_kernels.tools.benchmark import DTYPES, make_provider
+from dynsdpb_kernels.tools.ring_benchmark import dlb_calls, dlb_setup
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [tuple(int(x) for x in shape.split("x")) for shape in os.environ.get("DYNSDPB_BENCH_SHAPES", "1024x32000").split(",")]
@@ -54,39 +55,15 @@ def test_dynsdpb_loss(benchmark, provider, mode, dtype, shape):
 DLB_SAMPLES, DLB_TOKENS = 8, 256  # the issue's DLB calls: 8 samples x 256 tokens = 2048 rows each
 
 
-def dlb_setup(vocab_size: int, storage: str, dtype: torch.dtype, device: str = DEVICE):
-    """A DynSDPBLoss(vocab_size, capacity_rows=8192) with a `storage` teacher ring ("dense" or "topk", k = 64)
-    after a first call on samples 0..7, and the inputs of two DLB calls: samples 4..11 and 8..15 (4 taught by
-    the ring and 4 new each), as ((loss_fn, calls), {}) for benchmark.pedantic's setup."""
-    from dynsdpb_kernels import DynSDPBLoss
-
-    loss_fn = DynSDPBLoss(vocab_size, capacity_rows=8192, teacher_storage=storage, topk=64, validate=False).to(device)
-    loss_fn.train()
-
-    def call(first: int):
-        logits = torch.randn(DLB_SAMPLES, DLB_TOKENS, vocab_size, device=device).to(dtype).requires_grad_(True)
-        labels = torch.randint(0, vocab_size, (DLB_SAMPLES, DLB_TOKENS), device=device)
-        return logits, labels, torch.arange(first, first + DLB_SAMPLES, device=device)
-
-    dlb_calls(loss_fn, [call(0)])
-    return (loss_fn, [call(DLB_SAMPLES // 2), call(DLB_SAMPLES)]), {}
-
-
-def dlb_calls(loss_fn, calls) -> float:
-    """Forward + backward of each (logits, labels, sample_ids) in `calls`; the last loss."""
-    loss = torch.zeros(())
-    for logits, labels, sample_ids in calls:
-        loss = loss_fn(logits, labels, sample_ids=sample_ids)
-        loss.backward()
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-    return float(loss.detach())
-
-
 @pytest.mark.parametrize("vocab_size", sorted({shape[1] for shape in SHAPES}))
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("storage", ["dense", "topk"])
 def test_dlb_step_ring(benchmark, storage, dtype, vocab_size):
-    """Two DLB calls with a dense and a top-k (k = 64) teacher ring side by side (the issue's 1.15x target)."""
-    loss = benchmark.pedantic(dlb_calls, setup=lambda: dlb_setup(vocab_size, storage, DTYPES[dtype]), rounds=3)
+    """Two DLB calls with a dense and a top-k (k = 64) teacher ring (capacity_rows=8192), forward + backward
+    (the issue's 1.15x target; `dynsdpb bench-ring` times the two interleaved in one process)."""
+    def setup():
+        loss_fn, calls = dlb_setup(vocab_size, storage, DTYPES[dtype], DEVICE, DLB_SAMPLES, DLB_TOKENS, capacity_rows=8192)
+        return (loss_fn, calls), {}
+
+    loss = benchmark.pedantic(dlb_calls, setup=setup, rounds=3)
     assert math.isfinite(loss)

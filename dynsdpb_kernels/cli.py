@@ -50,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--providers", type=_str_list, default=["ours", "ours-dense", "eager", "liger"])
     head.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
     head.add_argument("--repeats", type=int, default=2)
+    ring = commands.add_parser(
+        "bench-ring", help="a DLB step (two calls, fwd+bwd) with a dense and a top-k teacher ring, interleaved (prints a table)",
+        formatter_class=defaults_shown,
+    )
+    ring.add_argument("--v", type=_int_list, default=[32000, 128256], help="vocabulary sizes")
+    ring.add_argument("--dtype", type=_str_list, default=["float32", "bfloat16"])
+    ring.add_argument("--samples", type=int, default=8, help="samples per call (half taught by the ring, half new)")
+    ring.add_argument("--tokens", type=int, default=256, help="tokens per sample")
+    ring.add_argument("--device", default=None, help="cuda or cpu; None: cuda when available")
+    ring.add_argument("--repeats", type=int, default=3)
     finetune = commands.add_parser(
         "finetune", help="fine-tune a small LLaMA with cross-entropy and with DynSDPB from the same start, and compare",
         formatter_class=defaults_shown,
@@ -113,6 +123,14 @@ def main(argv: list[str] | None = None) -> None:
             summarize(config)
         else:
             run_study(config)
+
+    if args.command == "bench-ring":
+        import torch
+
+        from .tools.ring_benchmark import run_ring_bench
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        run_ring_bench(args.v, args.dtype, device, args.repeats, args.samples, args.tokens)
 
     if args.command == "bench-head":
         import torch

@@ -32,3 +32,25 @@ def test_bench_command_writes_csv(tmp_path, capsys):
     assert [row["provider"] for row in rows] == ["ours", "eager"]
     assert all(float(row["median_s"]) > 0 for row in rows)
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_bench_ring_command(capsys):
+    """`dynsdpb bench-ring` times dense and top-k rings on the same DLB calls and reports the ring's bytes
+    against the next step's teachers: each ring holds at most the two steps' worth the floor allows (2x,
+    plus its entry table: 24 bytes a row)."""
+    from dynsdpb_kernels.tools.ring_benchmark import dlb_calls, dlb_setup, next_step_teacher_bytes, run_ring_bench
+
+    main(["bench-ring", "--v", "512", "--dtype", "float32,bfloat16", "--samples", "4", "--tokens", "8", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "ISA" in lines[0] and len(lines) == 4
+    rows = run_ring_bench([512], ["bfloat16"], "cpu", 1, samples=4, tokens=8)
+    assert rows[0]["dense_s"] > 0 and rows[0]["topk_s"] > 0
+    for storage in ("dense", "topk"):
+        loss_fn, calls = dlb_setup(512, storage, torch.bfloat16, "cpu", samples=4, tokens=8)
+        dlb_calls(loss_fn, calls)
+        assert int(loss_fn.last_stats.teacher_samples) == 2  # the previous call's 2 new samples were taught
+        next_rows = 2 * 7  # 2 new samples x (8 - 1) shifted rows
+        per_row = next_step_teacher_bytes(loss_fn, 1)
+        assert loss_fn.ring.nbytes == 2 * next_rows * per_row + 24 * next_rows + 8  # double buffer + entry table
+        assert loss_fn.ring.nbytes / next_step_teacher_bytes(loss_fn, next_rows) <= 2.0 + 24 / per_row + 1e-3
+    capsys.readouterr()
