@@ -1,12 +1,18 @@
-"""The `dynsdpb study` job: does self-distillation from the previous mini-batch help? CE vs DLB vs DynSDPB,
-and the two halves of the dynamic rule, over several seeds on SmolLM2-135M-Instruct.
+"""The `dynsdpb study` job: does self-distillation from the model's earlier predictions help, and does it
+beat spending the same compute on plain CE? CE vs DLB vs DynSDPB, the two halves of the dynamic rule,
+compute-matched CE and last-visit teachers, over several seeds on SmolLM2-135M-Instruct.
 
 Arms (ARMS): "ce" (plain cross-entropy on the new samples), "ce_rerun" (plain cross-entropy on DLB's batch:
 the previous step's new samples again + the new ones, no distillation: the control that separates DLB's
 re-run from its distillation), "dlb" (dynamic=False: constant alpha, tau), "dynsdpb" (dynamic=True),
-"alpha_only" (dynamic="alpha") and "tau_only" (dynamic="tau").
+"alpha_only" (dynamic="alpha") and "tau_only" (dynamic="tau") (DEFAULT_ARMS); the compute-matched arms
+(COMPUTE_ARMS adds them): "ce_long" (plain CE for twice the epochs or steps: the sample passes of a
+re-running arm), "ce_ls" (label smoothing 0.1), "lastvisit" / "lastvisit_static" (teacher="previous_visit",
+dynamic=True / False: each sample taught by its own top-k logits from its previous visit, no re-run).
+The cost of a run: its updates, sample passes, CPU seconds, and (time_full_model) the seconds per update
+of the whole model's forward and backward, measured per arm, times its updates.
 
-Design (the README's "Does it help?" section explains the choices):
+Design (docs/study.md and docs/study_compute.md explain the choices):
 - The model is loaded as `dynsdpb finetune` loads it. Its lower decoder layers are frozen and their output
   is computed once per example and task (cached on disk); every arm and seed trains the same copy of the
   top `top_layers` decoder layers and the final norm from the same pretrained weights. The tied
