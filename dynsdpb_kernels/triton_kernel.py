@@ -62,7 +62,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .backends import triton_interpreted
-from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import N_ROW_TERMS, N_STATS_WITH_LOG_NORM, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
 
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
@@ -238,6 +238,17 @@ def _finish_row_stats(m1, m2, s_rest, ent, inv_log_v):
 
 
 @triton.jit
+def _row_temperature(tau, discrimination, DYNAMIC_TAU: tl.constexpr):
+    """tau_r of a teacher row of discrimination d: 1 + (tau - 1) d rounded once (an fma) with a dynamic tau,
+    else tau. The one place the kernel computes it, for the teacher it reads and for the row it records
+    (whose stored log-normaliser is used only at exactly this tau: contract.py, "Stored log-normalisers")."""
+    if DYNAMIC_TAU:
+        return tl.fma(tau - 1.0, discrimination, 1.0)
+    else:
+        return tau + 0.0 * discrimination
+
+
+@triton.jit
 def _clamp_unit(x):
     # Clamp rounding excursions into [0, 1] while letting NaN through, so non-finite input stays visible.
     # (the enum is spelled at each call: the compiler takes it as a constant argument, not as a local variable)
@@ -253,6 +264,7 @@ def _dynsdpb_row_kernel(
     teacher_row_stride,
     teacher_index_ptr,
     teacher_stats_ptr,
+    teacher_stats_row_stride,
     grad_ptr,
     grad_row_stride,
     row_terms_ptr,
@@ -262,6 +274,7 @@ def _dynsdpb_row_kernel(
     ring_ptr,
     ring_row_stride,
     ring_stats_ptr,
+    ring_stats_row_stride,
     support_ptr,
     support_row_stride,
     tail_ptr,
@@ -274,11 +287,13 @@ def _dynsdpb_row_kernel(
     softcap,
     HAS_TEACHER: tl.constexpr,
     HAS_TEACHER_STATS: tl.constexpr,
+    TEACHER_LOG_NORM: tl.constexpr,
     DYNAMIC_ALPHA: tl.constexpr,
     DYNAMIC_TAU: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     RECORD: tl.constexpr,
     RECORD_ROWS: tl.constexpr,
+    RECORD_LOG_NORM: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -316,8 +331,8 @@ def _dynsdpb_row_kernel(
     teacher_max = 0.0  # the pre-pass's row maximum of t, which pass 1 then needs not track
     if HAS_TEACHER_STATS:
         if distilled:
-            t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * 2).to(tl.float32)
-            t_discrimination = tl.load(teacher_stats_ptr + teacher_id * 2 + 1).to(tl.float32)
+            t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * teacher_stats_row_stride).to(tl.float32)
+            t_discrimination = tl.load(teacher_stats_ptr + teacher_id * teacher_stats_row_stride + 1).to(tl.float32)
     elif DYNAMIC_TAU:
         if distilled:
             tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes = t_floor, t_floor, zeros, zeros
@@ -329,12 +344,33 @@ def _dynsdpb_row_kernel(
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
             teacher_max = tm1
 
-    if DYNAMIC_TAU:
-        tau_r = 1.0 + (tau - 1.0) * t_discrimination
-    else:
-        tau_r = tau + 0.0 * t_discrimination
+    tau_r = _row_temperature(tau, t_discrimination, DYNAMIC_TAU)
     inv_tau = 1.0 / tau_r
     tau_scale = LOG2E * inv_tau  # exp(x / tau_r) = exp2(x * tau_scale)
+
+    # TEACHER_LOG_NORM (dense teachers whose stats carry (tau_rec, log_norm): a ring's): the teacher's
+    # log-normaliser at tau_r is known before pass 1 where it was stored at exactly this tau_r, and pass 1
+    # then reads no teacher logits: log2 P_j = (t_j - tm1) tau_scale - log2_ts_tau with tm1 = 0 and
+    # log2_ts_tau = log2(e) log_norm. Other rows (NaN: not recorded so, or recorded at another tau: a
+    # changed config) take it from a pass of their own over t (2 bytes and one exponential per element,
+    # what pass 1 would spend on it otherwise): a per-row branch around a loop, not inside pass 1.
+    tm1 = 0.0
+    log2_ts_tau = 0.0
+    if TEACHER_LOG_NORM:
+        if distilled:
+            stored = teacher_stats_ptr + teacher_id * teacher_stats_row_stride
+            stored_tau = tl.load(stored + 2)
+            stored_log_norm = tl.load(stored + 3)
+            if (stored_tau == tau_r) & (stored_log_norm == stored_log_norm):
+                log2_ts_tau = stored_log_norm * LOG2E
+            else:
+                tm_lanes, ts_tau_lanes = t_floor, zeros
+                for start in range(0, V, BLOCK_V):
+                    cols = start + lane
+                    t = _teacher_logits(teacher_row, cols, cols < V)
+                    tm_lanes, ts_tau_lanes = _max_sum_step(tm_lanes, ts_tau_lanes, t, tau_scale)
+                tm1 = tl.max(tm_lanes, axis=0)
+                log2_ts_tau = tl.log2(_combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale))
 
     # Pass 1, per lane (no cross-lane work in the loop): the student's temperature-1 state (_lane_step)
     # and its sum at tau_r, which shares the lane maximum since max(z / tau) = max(z) / tau; the teacher's
@@ -355,7 +391,7 @@ def _dynsdpb_row_kernel(
         zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, grew, delta = _lane_step(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, z)
         if distilled:
             zs_tau_lanes = _tempered_step(zs_tau_lanes, grew, delta, tau_scale)
-            if not TEACHER_TOPK:
+            if not TEACHER_TOPK and not TEACHER_LOG_NORM:
                 t = _teacher_logits(teacher_row, cols, mask)
                 if HAS_TEACHER_STATS:
                     tm_lanes, ts_tau_lanes = _max_sum_step(tm_lanes, ts_tau_lanes, t, tau_scale)
@@ -368,15 +404,17 @@ def _dynsdpb_row_kernel(
     # Across lanes, once per row.
     zm1, zm2, zs_rest, zent = _combine_row_stats(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes)
     zs_tau = _combine_sum(zm_lanes, zs_tau_lanes, zm1, tau_scale)
-    if HAS_TEACHER_STATS:
+    if TEACHER_TOPK or TEACHER_LOG_NORM:
+        pass  # tm1 and log2_ts_tau: from the k values below, or set before pass 1
+    elif HAS_TEACHER_STATS:
         tm1 = tl.max(tm_lanes, axis=0)
-        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
+        log2_ts_tau = tl.log2(tl.where(distilled, _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale), 1.0))
     elif DYNAMIC_TAU:
         tm1 = teacher_max + 0.0 * zm1
-        ts_tau = tl.sum(ts_tau_lanes, axis=0)
+        log2_ts_tau = tl.log2(tl.where(distilled, tl.sum(ts_tau_lanes, axis=0), 1.0))
     else:
         tm1, tm2, ts_rest, tent = _combine_row_stats(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes)
-        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
+        log2_ts_tau = tl.log2(tl.where(distilled, _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale), 1.0))
         if distilled:
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
     if DYNAMIC_ALPHA:
@@ -431,7 +469,6 @@ def _dynsdpb_row_kernel(
     # log2 ts_tau, so log2 P_j - log2 Q_j = (t_j - z_j) tau_scale + log_ratio_offset; KL(P || Q) =
     # ln 2 sum_j P_j (log2 P_j - log2 Q_j), summed per lane. The gradient is stored once per element.
     log2_zs_tau = log_zs_tau * LOG2E
-    log2_ts_tau = tl.log2(tl.where(distilled, ts_tau, 1.0))
     log_ratio_offset = (zm1 - tm1) * tau_scale + log2_zs_tau - log2_ts_tau
     prob_scale = ce_coef / zs_total
     label_value = ce_coef * label_grad
@@ -441,7 +478,20 @@ def _dynsdpb_row_kernel(
         kl_in_pass_2 = False
     else:
         kl_in_pass_2 = distilled
-    if kl_in_pass_2 | COMPUTE_GRAD:
+    # RECORD_LOG_NORM: a recorded row's log-normaliser at tau_rec, the temperature the loss will give it as
+    # a teacher (its own d is known now), for the next step's pass 1 (contract.py, "Stored log-normalisers"):
+    # log_norm = log sum_j exp(r_j / tau_rec) = zm1 / tau_rec + ln sum_j 2^((r_j - zm1) record_scale), r the
+    # row as stored in the ring (z itself when the ring has the logits' dtype and no softcap, else z rounded
+    # as pass 1 rounded it), the sum at the row's known maximum zm1 (r_j - zm1 <= round(zm1) - zm1: no
+    # overflow). One exponential per element in pass 2, only in recorded rows.
+    z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
+    tau_rec = _row_temperature(tau, z_discrimination, DYNAMIC_TAU)
+    record_scale = LOG2E * (1.0 / tau_rec)  # as tau_scale is formed from tau_r when the row teaches
+    record_lanes = zeros
+    records_log_norm = False
+    if RECORD_LOG_NORM:
+        records_log_norm = record_slot >= 0
+    if kl_in_pass_2 | COMPUTE_GRAD | records_log_norm:
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
@@ -461,6 +511,13 @@ def _dynsdpb_row_kernel(
                     kl_lanes += p * ((t - z) * tau_scale + log_ratio_offset)
                     if COMPUTE_GRAD:
                         grad += kl_coef * (q - p)
+            if RECORD_LOG_NORM:
+                if records_log_norm:
+                    if ring_ptr.dtype.element_ty == logits_ptr.dtype.element_ty and not SOFTCAP:
+                        stored_z = z
+                    else:
+                        stored_z = _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING).to(tl.float32)
+                    record_lanes += tl.exp2((stored_z - zm1) * record_scale)
             if COMPUTE_GRAD:
                 if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
                     grad *= z_slope
@@ -496,13 +553,16 @@ def _dynsdpb_row_kernel(
                 grad_k *= slope_k
             tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=k_mask)
 
-    z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
     tl.store(student_stats_ptr + row * 2 + 1, z_discrimination)
     if RECORD:
         if record_slot >= 0:
-            tl.store(ring_stats_ptr + record_slot * 2, z_uncertainty)
-            tl.store(ring_stats_ptr + record_slot * 2 + 1, z_discrimination)
+            ring_stats = ring_stats_ptr + record_slot * ring_stats_row_stride
+            tl.store(ring_stats, z_uncertainty)
+            tl.store(ring_stats + 1, z_discrimination)
+            if RECORD_LOG_NORM:
+                tl.store(ring_stats + 2, tau_rec)
+                tl.store(ring_stats + 3, zm1 * (1.0 / tau_rec) + tl.log(tl.sum(record_lanes, axis=0)))
     terms = row_terms_ptr + row * 5
     tl.store(terms, ce)
     tl.store(terms + 1, kl)
@@ -580,6 +640,7 @@ def triton_fused_rows(
     if n_rows == 0:
         return outputs
     has_teacher = teacher_rows is not None and teacher_index is not None
+    has_dense_teacher = has_teacher and teacher_support is None
     grad = outputs.grad
     blocks = block_config(vocab_size, block_v)
     # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
@@ -592,6 +653,7 @@ def triton_fused_rows(
         teacher_row_stride=teacher_rows.stride(0) if has_teacher else 0,
         teacher_index_ptr=teacher_index if has_teacher else labels,
         teacher_stats_ptr=teacher_stats if teacher_stats is not None else placeholder,
+        teacher_stats_row_stride=teacher_stats.stride(0) if teacher_stats is not None else 0,
         grad_ptr=grad if grad is not None else logits,
         grad_row_stride=grad.stride(0) if grad is not None else 0,
         row_terms_ptr=outputs.row_terms,
@@ -601,6 +663,7 @@ def triton_fused_rows(
         ring_ptr=record.ring_logits if record is not None and record.ring_logits is not None else placeholder,
         ring_row_stride=record.ring_logits.stride(0) if record is not None and record.ring_logits is not None else 0,
         ring_stats_ptr=record.stats if record is not None else placeholder,
+        ring_stats_row_stride=record.stats.stride(0) if record is not None else 0,
         support_ptr=teacher_support if teacher_support is not None else labels,
         support_row_stride=teacher_support.stride(0) if teacher_support is not None else 0,
         tail_ptr=teacher_tail if teacher_tail is not None else placeholder,
@@ -615,11 +678,14 @@ def triton_fused_rows(
     constexprs = dict(
         HAS_TEACHER=has_teacher,
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
+        TEACHER_LOG_NORM=has_dense_teacher and teacher_stats is not None and teacher_stats.shape[1] == N_STATS_WITH_LOG_NORM,
         DYNAMIC_ALPHA=config.dynamic_alpha,
         DYNAMIC_TAU=config.dynamic_tau,
         COMPUTE_GRAD=grad is not None,
         RECORD=record is not None,
         RECORD_ROWS=record is not None and record.ring_logits is not None,
+        RECORD_LOG_NORM=record is not None and record.ring_logits is not None
+        and record.stats.shape[1] == N_STATS_WITH_LOG_NORM,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         SOFTCAP=config.softcap is not None,
