@@ -5,9 +5,21 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
     pre-pass (only when DYNAMIC_TAU and no teacher statistics were given): (u, d) of t at temperature 1,
               because tau_r must be known before the temperature-tau sums of pass 1 can start (alpha_r
               is needed only in pass 2, so DYNAMIC_ALPHA alone takes u from pass 1).
+    normaliser pass (only TEACHER_LOG_NORM, a ring's teachers, and only for a row whose stored
+              log-normaliser is missing or was taken at another tau): t's max and sum at tau_r.
     pass 1:   online max / sum states of z at temperature 1 (cross-entropy and the student's own
-              (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
-    pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
+              (u, d)), of z at tau_r and, unless its log-normaliser is known (TEACHER_LOG_NORM), of t at
+              tau_r; a recorded row is copied into the ring here.
+    pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once; a row recorded
+              with RECORD_LOG_NORM also sums exp(r / tau_rec) of its stored row r for its log-normaliser.
+
+Stored log-normalisers (contract.py): a ring's dense teacher row comes with (u, d, tau_rec, log_norm),
+where log_norm = log sum_j exp(t_j / tau_rec) was written by the step that recorded the row (its pass 2,
+where tau_rec = 1 + (tau - 1) d of the row's own d is known and the row is read anyway). The ring step's
+pass 1 then reads z only: 2 (z) + 2 (ring write) + 6 (pass 2: z, t, gradient) = 10 bytes per element
+instead of 12, i.e. 1.67x the 6 bytes of reading z and t and writing the gradient once. The value is used
+only where tau_rec is, bit for bit, this launch's tau_r for the row (_row_temperature in both places);
+otherwise, or when it is NaN, the row takes the normaliser pass (the same bytes as before).
 
 How a row is walked. Each of the BLOCK_V lanes of a loop step keeps its own online state in the loop's
 block-shaped accumulators, and the lanes are combined once per row after the loop (tl.max / tl.sum over
@@ -25,18 +37,21 @@ entry is rewritten once after pass 2 (no per-element select): each element is st
 precision tricks stay (1 + s_rest for confident rows, the exact true-class gradient -s_rest / (1 + s_rest)).
 
 Budget per specialization (bench/sass_roofline.md: static counts of the loops' SASS per logit element on
-sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01;
-predictions from the machine code, not GPU timings):
+sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01,
+the ring step 2026-12-02; predictions from the machine code, not GPU timings):
 
     specialization                         instructions (pre-pass + pass 1 + pass 2)  MUFU  LDG+STG bytes
     plain CE (no teacher, grad)            26.0  (      17.0 +  9.0)                   2.0   4+2 (4 minimal)
-    ring step (dense bf16 teachers with    57.5  (      34.25 + 23.25)                 6.0   8+4 (8 minimal)
-      stats, ring write, dynamic, grad)
+    ring step (dense bf16 teachers with    51.0  (      24.25 + 26.75)                 6.0   6+4 (8 minimal)
+      stats and stored log-normalisers,
+      ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
 
-MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r; the pre-pass's t at 1) and in
-pass 2 one each for softmax(z), Q and P; no division in a loop (the per-row reciprocals are hoisted).
+MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
+stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
+sum at tau_rec (the ring step: 2 + 4); no division in a loop (the per-row reciprocals are hoisted). The
+ring step's normaliser pass (rows without a usable stored value) is not on the counted path.
 tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
 <= 64 / 6, teachers without stats <= 80 / 7.5).
 
@@ -44,7 +59,7 @@ With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (con
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
 chained with dz'/dz. Without it the kernel is the same code (a constexpr branch; the budget above). With
 it each pass adds _softcap's EX2 and RCP per element: plain CE 78.25 instructions and 6.0 MUFU per element,
-the ring step 110.0 and 10.0 (no budget yet; docs/triton_kernel_roofline.md).
+the ring step 110.0 and 10.0 before the stored log-normalisers (no budget yet; docs/triton_kernel_roofline.md).
 
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
