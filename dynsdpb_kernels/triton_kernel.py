@@ -59,7 +59,8 @@ With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (con
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
 chained with dz'/dz. Without it the kernel is the same code (a constexpr branch; the budget above). With
 it each pass adds _softcap's EX2 and RCP per element: plain CE 78.25 instructions and 6.0 MUFU per element,
-the ring step 110.0 and 10.0 before the stored log-normalisers (no budget yet; docs/triton_kernel_roofline.md).
+the ring step 104.75 and 10.0 (110.0 before the stored log-normalisers; no budget yet;
+docs/triton_kernel_roofline.md).
 
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
