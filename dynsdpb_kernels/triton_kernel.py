@@ -78,7 +78,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .backends import triton_interpreted
-from .contract import N_ROW_TERMS, N_STATS_WITH_LOG_NORM, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import (
+    N_ROW_TERMS, N_STATS_WITH_LOG_NORM, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype,
+)
 
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
@@ -694,7 +696,8 @@ def triton_fused_rows(
     constexprs = dict(
         HAS_TEACHER=has_teacher,
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
-        TEACHER_LOG_NORM=has_dense_teacher and teacher_stats is not None and teacher_stats.shape[1] == N_STATS_WITH_LOG_NORM,
+        TEACHER_LOG_NORM=has_dense_teacher and teacher_stats is not None
+        and teacher_stats.shape[1] == N_STATS_WITH_LOG_NORM,
         DYNAMIC_ALPHA=config.dynamic_alpha,
         DYNAMIC_TAU=config.dynamic_tau,
         COMPUTE_GRAD=grad is not None,

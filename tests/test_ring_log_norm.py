@@ -16,8 +16,9 @@ import torch
 from conftest import BACKENDS, DYNAMIC_IDS, DYNAMIC_MODES
 from truth import truth_dynsdpb
 
-from dynsdpb_kernels import DistillConfig, DynSDPBLoss, LossOptions, TeacherRing, fused_loss
+from dynsdpb_kernels import DistillConfig, DynSDPBLoss, LossOptions, TeacherRing, fused_loss, row_statistics
 from dynsdpb_kernels.contract import STAT_LOG_NORM, STAT_TAU_REC, RowRecord, row_temperature
+from dynsdpb_kernels.loss import dynsdpb_loss_with_grad
 
 VOCAB = 300  # five blocks of 64 (conftest), the last ragged
 N_ROWS = 6
@@ -98,8 +99,6 @@ def test_loss_of_teachers_with_stored_log_norm_is_exact(backend, case, dynamic, 
     teacher_index = torch.tensor([0, 1, -1, 3, 4, 5])
     options = LossOptions(distill=config, backend=backend)
     logits = student.clone().requires_grad_(True)
-    from dynsdpb_kernels.loss import dynsdpb_loss_with_grad
-
     loss, _ = dynsdpb_loss_with_grad(logits, labels, rows, teacher_index, stats, options)
     loss.backward()
     teachers = rows[teacher_index.clamp_min(0)].double()
@@ -139,8 +138,6 @@ def test_two_column_teacher_stats_still_accepted():
     teachers = torch.randn(4, VOCAB)
     student = torch.randn(4, VOCAB)
     labels = torch.randint(0, VOCAB, (4,))
-    from dynsdpb_kernels import row_statistics
-
     stats = row_statistics(teachers).float()
     truth = truth_dynsdpb(student.double(), labels, teachers.double(), tau=2.0)
     for backend in BACKENDS:
@@ -168,6 +165,8 @@ def test_ring_step_records_the_log_norm_it_reads_next_step(backend):
     labels = torch.randint(0, VOCAB, (2, 4))
     ids = torch.tensor([7, 8])
     loss_fn(first, labels, ids)
+    # targets after the shift: positions 0..2 predict labels 1..3; the teachers are those rows as stored
+    teachers = torch.cat([loss_fn.ring.teacher(sample)[0] for sample in (7, 8)]).double()
     for sample in (7, 8):
         rows, stats = loss_fn.ring.teacher(sample)
         tau_rec = 1 + (2.5 - 1) * stats[:, 1].double()
@@ -182,16 +181,10 @@ def test_ring_step_records_the_log_norm_it_reads_next_step(backend):
         student = second.clone().requires_grad_(True)
         loss = module(student, labels, ids)
         loss.backward()
-        # targets after the shift: positions 0..2 predict labels 1..3; teachers = the first step's rows
-        rows = torch.cat([saved_rows(saved, 0, 3), saved_rows(saved, 3, 6)])
-        truth = truth_dynsdpb(second[:, :3].reshape(-1, VOCAB).double(), labels[:, 1:].reshape(-1), rows.double(),
+        truth = truth_dynsdpb(second[:, :3].reshape(-1, VOCAB).double(), labels[:, 1:].reshape(-1), teachers,
                               tau=tau, stats_from=first[:, :3].reshape(-1, VOCAB).double())
         torch.testing.assert_close(loss.double(), truth["loss"], rtol=2e-5, atol=2e-6)
         torch.testing.assert_close(student.grad[:, :3].reshape(-1, VOCAB).double(), truth["grad"], rtol=1e-4, atol=1e-6)
-
-
-def saved_rows(state, start, stop):
-    return state["rows"][start:stop].float()
 
 
 def test_old_state_dict_without_log_norm_loads_with_nan():
