@@ -72,13 +72,13 @@ class Specialization:
     teacher_dtype: torch.dtype = torch.bfloat16
     teacher_stats: bool = False
     tail: bool = False
-    log_norm: bool = False
     record: str = "none"
     ring_dtype: torch.dtype = torch.bfloat16
     dynamic: bool | str = True  # DistillConfig.dynamic: True, False, "alpha" or "tau"
     compute_grad: bool = True
     vocab_size: int = LARGE_VOCAB
     softcap: bool = False  # DistillConfig.softcap set (SOFTCAP_EXAMPLE) or None
+    log_norm: bool = False  # teacher_stats of four columns (last: the positional fields above keep their places)
 
     @property
     def name(self) -> str:
