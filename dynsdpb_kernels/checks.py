@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .backends import BACKENDS
-from .contract import LOGIT_DTYPES, REDUCTIONS, LossOptions
+from .contract import LOGIT_DTYPES, REDUCTIONS, STATS_WIDTHS, LossOptions
 
 def check_options(options: LossOptions) -> None:
     """ValueError / TypeError naming the option of `options` that is out of range."""
@@ -127,10 +127,11 @@ def check_contract(
         raise ValueError(f"teacher_index must have shape ({n_rows},), got {tuple(teacher_index.shape)}")
     check_device("teacher_index", teacher_index, logits.device)
     if teacher_stats is not None:
-        if teacher_stats.dtype != torch.float32 or teacher_stats.shape != (teacher_rows.shape[0], 2):
+        n_teachers = teacher_rows.shape[0]
+        if teacher_stats.dtype != torch.float32 or teacher_stats.shape not in [(n_teachers, width) for width in STATS_WIDTHS]:
             raise ValueError(
-                f"teacher_stats must be float32 of shape ({teacher_rows.shape[0]}, 2), "
-                f"got {teacher_stats.dtype} {tuple(teacher_stats.shape)}"
+                f"teacher_stats must be float32 of shape ({n_teachers}, 2) (u, d) or ({n_teachers}, 4) "
+                f"(u, d, tau_rec, log_norm), got {teacher_stats.dtype} {tuple(teacher_stats.shape)}"
             )
         if not teacher_stats.is_contiguous():
             raise ValueError("teacher_stats must be contiguous")

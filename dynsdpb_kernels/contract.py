@@ -12,7 +12,10 @@ Shapes (N student rows, R teacher rows, V vocabulary entries):
     labels           (N,)    int64, ignore_index marks rows without a label
     teacher_rows     (R, V)  any float dtype, or None for plain cross-entropy
     teacher_index    (N,)    int64, row of teacher_rows that teaches row n, -1 for none
-    teacher_stats    (R, 2)  float32 (u, d) of each teacher row at temperature 1, or None
+    teacher_stats    (R, 2) | (R, 4)  float32 (u, d) of each teacher row at temperature 1, or None;
+                     four columns add (tau_rec, log_norm): the row's tempered log-normaliser
+                     log_norm = log sum_j exp(t_j / tau_rec) and the temperature it was taken at
+                     (NaN, NaN when unknown). Below: "Stored log-normalisers".
     grad_scale       (2,)    float32 on the logits' device: (ce_scale, distill_scale), the
                              factors the two gradient terms are multiplied by (1 / n_valid and
                              1 / n_distilled for reduction="mean"), read by the kernel so that
@@ -43,6 +46,20 @@ index; the tail mass's sum at tau_rec rides in the gradient pass) and, for the b
 backends.RECORDS_TOPK, by loss.write_topk_record before the kernel runs (torch.topk's order and ties), with
 no host synchronisation either way. tau_rec is the temperature the loss gives the row when it teaches:
 1 + (tau - 1) d from the row's own d with a dynamic tau, else tau.
+
+Stored log-normalisers (teacher_stats of four columns; a dense ring keeps them: ring.py). A dense teacher
+row's P = softmax(t / tau_r) needs its log-normaliser lse_t(tau_r), which costs the Triton kernel a read of
+t in pass 1 (2 of its 12 bytes per element in a ring step). tau_r depends only on the row's (u, d) and the
+config, so the kernel computes it when the row is recorded, one step earlier: the recorded row is the
+student row, whose d and so tau_rec = row_temperature(d) are known after pass 1, and pass 2 reads it anyway.
+Every backend that records into four-column stats writes, for each recorded dense row,
+    tau_rec  = row_temperature(config, d) in float32 (fma(tau - 1, d, 1) rounded once; tau without dynamic tau)
+    log_norm = log sum_j exp(r_j / tau_rec), r the row as STORED in the ring (rounded to its dtype), float32
+(NaN, NaN where it does not: a top-k ring has two columns). A reader uses log_norm only where tau_rec equals,
+bit for bit, the tau_r it computes for that teacher row itself (so a changed tau, dynamic rule or a stale or
+user-supplied value is never used: those rows read t as before) and log_norm is not NaN; then log P_j =
+t_j / tau_r - log_norm. Using it or not changes nothing but rounding: the Triton kernel uses it, the C++ and
+reference backends write it but compute P from the row (they stream t in their KL pass anyway).
 
 Final-logit softcapping (config.softcap = c, None for off; Gemma 2 / 3's final_logit_softcapping): the
 student logits are replaced on load by z' = c tanh(z / c) (softcapped below), before everything else,
@@ -76,6 +93,12 @@ TAIL_FLOOR = 1e-6
 # Columns of FusedRows.student_stats and of teacher_stats.
 STAT_UNCERTAINTY = 0  # u = H(softmax(x)) / ln V, in [0, 1] (0 when V == 1)
 STAT_DISCRIMINATION = 1  # d = p_(1) - p_(2), top-1 minus top-2 probability, in [0, 1]
+# The optional columns of teacher_stats and RowRecord.stats ("Stored log-normalisers" above).
+STAT_TAU_REC = 2  # tau_rec, the temperature log_norm was taken at (NaN: unknown)
+STAT_LOG_NORM = 3  # log sum_j exp(t_j / tau_rec) of the stored row (NaN: unknown)
+N_STATS = 2  # (u, d)
+N_STATS_WITH_LOG_NORM = 4  # (u, d, tau_rec, log_norm)
+STATS_WIDTHS = (N_STATS, N_STATS_WITH_LOG_NORM)
 
 
 # The string values of DistillConfig.dynamic: one half of the dynamic rule only (the ablations).
@@ -148,7 +171,8 @@ class Teachers:
 
     logits:  (R, V) teacher rows, or (R, k) top-k values when `support` is given; None: no teachers.
     index:   (N,) int64, row of `logits` that teaches student row n, -1 for none.
-    stats:   (R, 2) float32 (u, d) of each teacher row on its full row (required with `support`).
+    stats:   (R, 2) float32 (u, d) of each teacher row on its full row (required with `support`), or
+             (R, 4) with the stored log-normalisers (tau_rec, log_norm) of dense rows (module docstring).
     support: (R, k) int64 vocabulary ids of top-k values, or None for whole rows.
     tail:    (R,) float32 teacher mass outside the top k (with `support`), or None.
     """
@@ -182,7 +206,8 @@ class RowRecord:
     index:       (N,) int64, ring slot that student row n is written to, -1 for rows not recorded.
     ring_logits: (P, V) dense ring storage, any float dtype the kernel can write (float32, bfloat16,
                  float16), written by the kernel; None for a top-k ring (written through `topk`).
-    stats:       (P, 2) float32, receives the recorded rows' (u, d) (written by the kernel).
+    stats:       (P, 2) float32, receives the recorded rows' (u, d) (written by the kernel); (P, 4) for
+                 a dense ring also their (tau_rec, log_norm) (module docstring, "Stored log-normalisers").
     topk:        TopkRecord of a top-k ring, or None.
     """
 
@@ -190,6 +215,19 @@ class RowRecord:
     ring_logits: torch.Tensor | None
     stats: torch.Tensor
     topk: TopkRecord | None = None
+
+    def __post_init__(self) -> None:
+        width = self.stats.shape[1] if self.stats.dim() == 2 else None
+        if width not in STATS_WIDTHS or (width == N_STATS_WITH_LOG_NORM and self.ring_logits is None):
+            raise ValueError(
+                f"record.stats must be (P, 2) (u, d), or (P, 4) (u, d, tau_rec, log_norm) for a dense ring "
+                f"(ring_logits given), got {tuple(self.stats.shape)} with ring_logits {'given' if self.ring_logits is not None else 'None'}"
+            )
+
+    @property
+    def log_norm(self) -> bool:
+        """Whether the recorded rows' (tau_rec, log_norm) are written too (module docstring)."""
+        return self.stats.shape[1] == N_STATS_WITH_LOG_NORM
 
     def chunk(self, rows: slice) -> RowRecord:
         """The record of student rows `rows` (the same ring storage)."""
@@ -230,6 +268,17 @@ class FusedRows:
     @property
     def uncertainty(self) -> torch.Tensor:
         return self.row_terms[:, ROW_UNCERTAINTY]
+
+
+def row_temperature(config: DistillConfig, discrimination: torch.Tensor) -> torch.Tensor:
+    """tau_rec (float32, the shape of `discrimination`): the temperature the loss gives a teacher row of
+    discrimination d, as every kernel computes it (rounded once: fma(tau - 1, d, 1) in float32, here exact
+    in float64 and rounded; tau in float32 without a dynamic tau). The key a stored log-normaliser is valid for."""
+    tau = torch.tensor(config.tau, dtype=torch.float32).double()  # the kernels' float32 tau
+    d = discrimination.double()
+    if config.dynamic_tau:
+        return (1.0 + (tau - 1.0) * d).float()
+    return (tau + 0.0 * d).float()
 
 
 def row_terms_dtype(logits_dtype: torch.dtype) -> torch.dtype:

@@ -33,7 +33,8 @@ import torch
 from . import ops
 from .checks import check_contract, check_options, check_values
 from .contract import (
-    ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord, softcapped,
+    ROW_ALPHA, ROW_CE, ROW_KL, ROW_TAU, ROW_UNCERTAINTY, DistillConfig, FusedRows, LossOptions, RowRecord,
+    row_temperature, softcapped,
 )
 
 
@@ -350,7 +351,7 @@ def _tail_mass(rows: torch.Tensor, top_values: torch.Tensor, config: DistillConf
         top2 = top_values[:, :2] if top_values.shape[1] >= 2 else rows.topk(min(2, rows.shape[1]), dim=-1).values
         probs = (top2 - log_norm[:, None]).exp()
         margin = probs[:, 0] - probs[:, 1] if probs.shape[1] == 2 else probs[:, 0]
-        tau_r = 1.0 + (config.tau - 1.0) * margin.clamp(0, 1)
+        tau_r = row_temperature(config, margin.clamp(0, 1)).to(rows.dtype)  # the kernels' tau_rec
     else:
         tau_r = torch.full_like(log_norm, config.tau)
     log_norm_tau = (rows / tau_r[:, None]).logsumexp(-1)

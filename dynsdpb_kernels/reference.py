@@ -18,10 +18,15 @@ from .contract import (
     ROW_KL,
     ROW_TAU,
     ROW_UNCERTAINTY,
+    N_STATS,
+    STAT_DISCRIMINATION,
+    STAT_LOG_NORM,
+    STAT_TAU_REC,
     DistillConfig,
     FusedRows,
     TAIL_FLOOR,
     RowRecord,
+    row_temperature,
     row_terms_dtype,
     softcapped,
 )
@@ -60,7 +65,8 @@ def reference_fused_rows(
 
     Arguments follow contract.py. `grad_out`, when given, is the (N, V) buffer the gradient is written to
     (the logits themselves in the opt-in in-place mode); otherwise a fresh buffer is allocated.
-    `record`, when given, receives copies of the recorded rows and their (u, d). `teacher_support`
+    `record`, when given, receives copies of the recorded rows and their (u, d) (and, with four stats
+    columns, their (tau_rec, log_norm): contract.py, "Stored log-normalisers"). `teacher_support`
     (R, k), when given, holds the vocabulary ids of top-k teacher rows (teacher_rows is then (R, k)), and
     `teacher_tail` (R,) their probability mass outside the top k at tau_r (contract.py). With
     config.softcap = c the student rows are z' = c tanh(z / c) throughout (the record too) and the gradient
@@ -97,8 +103,8 @@ def reference_fused_rows(
         distilled_rows = ((teacher_index >= 0) & valid).nonzero().squeeze(1)
         index = teacher_index[distilled_rows]
         teacher = teacher_rows[index].to(compute_dtype)
-        if teacher_stats is not None:
-            stats = teacher_stats[index].to(compute_dtype)
+        if teacher_stats is not None:  # (u, d); a stored log-normaliser is not needed here (contract.py)
+            stats = teacher_stats[index, :N_STATS].to(compute_dtype)
         else:
             stats = row_statistics(teacher)
         uncertainty, discrimination = stats.unbind(-1)
@@ -142,7 +148,13 @@ def reference_fused_rows(
         if record.ring_logits is not None:
             recorded_rows = logits if config.softcap is None else student  # the rows as the loss saw them
             record.ring_logits[slots] = recorded_rows[recorded].to(record.ring_logits.dtype)
-        record.stats[slots] = student_stats[recorded]
+        record.stats[slots, :N_STATS] = student_stats[recorded]
+        if record.log_norm:
+            # the stored log-normaliser (contract.py): of the row as stored, at the tau it will teach at
+            tau_rec = row_temperature(config, student_stats[recorded, STAT_DISCRIMINATION])
+            stored = record.ring_logits[slots].to(compute_dtype)
+            record.stats[slots, STAT_TAU_REC] = tau_rec
+            record.stats[slots, STAT_LOG_NORM] = (stored / tau_rec.to(compute_dtype)[:, None]).logsumexp(-1).float()
 
     if grad is not None:
         if config.softcap is not None:

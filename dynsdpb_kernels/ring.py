@@ -1,6 +1,9 @@
 """TeacherRing: the previous step's logits of each sample, kept on the logits' device for the next step.
 
-Layout. `rows` (P, V) and `stats` (P, 2) are preallocated. Rows are written in FIFO order; each written
+Layout. `rows` (P, V) and `stats` (P, 4) are preallocated (stats: (u, d, tau_rec, log_norm), the row's
+log-normaliser at the temperature it will teach at, which spares the next step's kernel a read of the
+teacher row in its first pass: contract.py, "Stored log-normalisers"; NaN where unknown; (P, 2) (u, d)
+with top-k storage, whose teachers need no such normaliser). Rows are written in FIFO order; each written
 row gets an absolute position a = 0, 1, 2, ... (`head` counts the rows written so far) and lives in slot
 a % P. A sample's entry is (start, length): its valid rows, packed in order, at positions start ..
 start + length - 1. An entry is live while it lies within the last `capacity_rows` (C) positions:
@@ -63,6 +66,7 @@ sample the previous call recorded with no valid row (no entry) is likewise not r
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass, replace
@@ -70,7 +74,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .checks import check_positive_int
-from .contract import RowRecord, Teachers, TopkRecord
+from .contract import N_STATS, N_STATS_WITH_LOG_NORM, RowRecord, Teachers, TopkRecord
 
 RECORD_POLICIES = ("new", "all", "none")
 STORAGES = ("dense", "topk")
@@ -123,7 +127,8 @@ class RingLayout:
     """The storage of a ring at one capacity C and reserve R (P = C + R physical rows).
 
     logits: (P, V) dense rows or (P, k) top-k values, in the ring's dtype; support (P, k) int64 and
-    tail (P,) float32 with top-k storage, else None; stats (P, 2) float32 (u, d); ids, start, length:
+    tail (P,) float32 with top-k storage, else None; stats (P, 4) float32 (u, d, tau_rec, log_norm), (P, 2)
+    (u, d) with top-k storage; ids, start, length:
     the (C,) int64 entry table (sorted by id, free slots last).
     """
 
@@ -168,9 +173,9 @@ class TeacherRing:
             host set of the sample ids seen (saved in the state_dict).
 
     Memory (`nbytes`, exact), with P = C + reserve:
-        dense: P * (V * dtype + 8) + 24 * C + 8 bytes
+        dense: P * (V * dtype + 16) + 24 * C + 8 bytes
         topk:  P * (k * (dtype + 8) + 4 + 8) + 24 * C + 8 bytes
-    (rows; top-k ids and tail mass; (u, d) in float32; the entry table of C (id, start, length) int64
+    (rows; top-k ids and tail mass; (u, d) in float32, with (tau_rec, log_norm) when dense; the entry table of C (id, start, length) int64
     triples; head), independent of how many distinct sample ids were seen and of their magnitude. The
     reserve is the largest W_max so far (the rows a call can record, module docstring) and, with
     grow_capacity, C is too (if larger than their initial values): P = 2 * max(W_max) for a ring
@@ -226,7 +231,7 @@ class TeacherRing:
         self.logits = torch.empty(0, self.topk, dtype=dtype)  # (P, V) dense, (P, k) top-k values
         self.support: torch.Tensor | None = torch.empty(0, self.topk, dtype=torch.int64) if storage == "topk" else None
         self.tail: torch.Tensor | None = torch.empty(0, dtype=torch.float32) if storage == "topk" else None
-        self.stats = torch.empty(0, 2, dtype=torch.float32)
+        self.stats = torch.empty(0, self.stats_width, dtype=torch.float32)
         self._ids = torch.empty(0, dtype=torch.int64)  # entry table (C,) each, made on the device by _allocate
         self._start = torch.empty(0, dtype=torch.int64)
         self._length = torch.empty(0, dtype=torch.int64)
@@ -246,7 +251,7 @@ class TeacherRing:
             logits=torch.zeros(physical, self.topk, dtype=self.dtype, device=device),
             support=torch.zeros(physical, self.topk, dtype=torch.int64, device=device) if topk else None,
             tail=torch.zeros(physical, dtype=torch.float32, device=device) if topk else None,
-            stats=torch.zeros(physical, 2, dtype=torch.float32, device=device),
+            stats=_empty_stats(physical, self.stats_width, device),
             ids=torch.full((capacity_rows,), FREE_ID, dtype=torch.int64, device=device),
             start=torch.full((capacity_rows,), -1, dtype=torch.int64, device=device),
             length=torch.zeros(capacity_rows, dtype=torch.int64, device=device),
@@ -287,6 +292,11 @@ class TeacherRing:
         layout.start[: self.capacity_rows] = self._start
         layout.length[: self.capacity_rows] = self._length
         return layout
+
+    @property
+    def stats_width(self) -> int:
+        """Columns of `stats`: 4 (u, d, tau_rec, log_norm) for dense storage, 2 (u, d) for top-k."""
+        return N_STATS if self.storage == "topk" else N_STATS_WITH_LOG_NORM
 
     @property
     def physical_rows(self) -> int:
@@ -347,7 +357,7 @@ class TeacherRing:
         return int(position) if found else None
 
     def teacher(self, sample_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows (L, V), stats (L, 2)) of a sample's live entry, copies; None when it has none. With top-k
+        """(rows (L, V), stats (L, 4) (u, d, tau_rec, log_norm), (L, 2) with top-k storage) of a sample's live entry, copies; None when it has none. With top-k
         storage the rows are (L, k) values and `teacher_support(sample_id)` gives their ids."""
         slots = self._slots_of(sample_id)
         return None if slots is None else (self.logits[slots].clone(), self.stats[slots].clone())
@@ -436,11 +446,12 @@ class TeacherRing:
             )
         head = int(state["head"])
         n_rows = min(head, capacity)
-        shapes = {"rows": (n_rows, self.topk), "stats": (n_rows, 2)}
+        # stats: (u, d), and (tau_rec, log_norm) for a dense ring (a state_dict without them: NaN, unknown)
+        shapes = {"rows": [(n_rows, self.topk)], "stats": [(n_rows, width) for width in {N_STATS, self.stats_width}]}
         if self.support is not None:
-            shapes.update(support=(n_rows, self.topk), tail=(n_rows,))
-        for key, shape in shapes.items():
-            if head < 0 or tuple(state[key].shape) != shape:
+            shapes.update(support=[(n_rows, self.topk)], tail=[(n_rows,)])
+        for key, allowed in shapes.items():
+            if head < 0 or tuple(state[key].shape) not in allowed:
                 raise ValueError(f"state_dict {key} have shape {tuple(state[key].shape)}, inconsistent with its header")
         ids, start, length = _state_entries(state, head, capacity)
         # an earlier state_dict: nothing recorded for sure, the live ids exactly are possible
@@ -461,7 +472,8 @@ class TeacherRing:
         if self.support is not None:
             self.support[slots] = state["support"].to(device=self.device, dtype=torch.int64)
             self.tail[slots] = state["tail"].to(device=self.device, dtype=torch.float32)
-        self.stats[slots] = state["stats"].to(device=self.device, dtype=torch.float32)
+        saved_stats = state["stats"]
+        self.stats[slots, : saved_stats.shape[1]] = saved_stats.to(device=self.device, dtype=torch.float32)
         n_entries = ids.shape[0]
         self._ids[:n_entries] = ids.to(self.device)
         self._start[:n_entries] = start.to(self.device)
@@ -672,6 +684,13 @@ class TeacherRing:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+
+
+def _empty_stats(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """Statistics of `rows` slots not written yet: (u, d) = 0 and, with four columns, (tau_rec, log_norm) NaN."""
+    stats = torch.zeros(rows, width, dtype=torch.float32, device=device)
+    stats[:, N_STATS:] = math.nan
+    return stats
 
 
 def _row_record(layout: RingLayout, index: torch.Tensor) -> RowRecord:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import DistillConfig, RowRecord
+from .contract import N_STATS, N_STATS_WITH_LOG_NORM, DistillConfig, RowRecord
 
 # A large vocabulary (Llama 3's): the launcher's choice of BLOCK_V and warps for it is the one compiled.
 LARGE_VOCAB = 128256
@@ -61,7 +61,10 @@ class Specialization:
     """One kernel variant, described by what the caller passes.
 
     teacher: "none", "dense" (full rows, any float dtype) or "topk" (k values + ids; statistics required).
-    record: "none", "rows" (rows and (u, d) into a ring of ring_dtype) or "stats" ((u, d) only).
+    teacher_stats: statistics given; log_norm: of four columns, (u, d, tau_rec, log_norm), as a dense ring
+        passes them (TEACHER_LOG_NORM), else (u, d).
+    record: "none", "rows" (rows and (u, d, tau_rec, log_norm) into a dense ring of ring_dtype, as the ring
+        records) or "stats" ((u, d) only, a top-k ring's).
     """
 
     logits_dtype: torch.dtype
@@ -75,13 +78,14 @@ class Specialization:
     compute_grad: bool = True
     vocab_size: int = LARGE_VOCAB
     softcap: bool = False  # DistillConfig.softcap set (SOFTCAP_EXAMPLE) or None
+    log_norm: bool = False  # teacher_stats of four columns (last: the positional fields above keep their places)
 
     @property
     def name(self) -> str:
         parts = [FLOAT_NAMES[self.logits_dtype]]
         if self.teacher != "none":
             parts.append(f"{self.teacher}-{FLOAT_NAMES[self.teacher_dtype]}")
-            parts += ["stats"] * self.teacher_stats + ["tail"] * self.tail
+            parts += ["stats"] * self.teacher_stats + ["lognorm"] * self.log_norm + ["tail"] * self.tail
         else:
             parts.append("no-teacher")
         if self.record != "none":
@@ -103,6 +107,7 @@ TEACHER_SIDES = {
     "none": dict(teacher="none"),
     "dense": dict(teacher="dense"),
     "dense-stats": dict(teacher="dense", teacher_stats=True),
+    "dense-ring": dict(teacher="dense", teacher_stats=True, log_norm=True),
     "topk": dict(teacher="topk", teacher_stats=True),
     "topk-tail": dict(teacher="topk", teacher_stats=True, tail=True),
 }
@@ -129,7 +134,8 @@ def factor_values(spec: Specialization) -> dict:
     teacher and no ring rows), since the kernel is then the same for every teacher dtype."""
     side = next(name for name, fields in TEACHER_SIDES.items()
                 if all(getattr(spec, key) == value for key, value in fields.items())
-                and spec.teacher_stats == fields.get("teacher_stats", False) and spec.tail == fields.get("tail", False))
+                and spec.teacher_stats == fields.get("teacher_stats", False) and spec.tail == fields.get("tail", False)
+                and spec.log_norm == fields.get("log_norm", False))
     uses_dtype = spec.teacher != "none" or spec.record == "rows"
     return {"side": side, "record": spec.record, "dynamic": spec.dynamic, "compute_grad": spec.compute_grad,
             "logits_dtype": spec.logits_dtype, "teacher_dtype": spec.teacher_dtype if uses_dtype else None}
@@ -182,7 +188,7 @@ def gpu_check_specializations() -> list[Specialization]:
     return [
         Specialization(dtype, "dense", dtype) for dtype in (torch.float32, torch.bfloat16)
     ] + [
-        Specialization(dtype, "dense", torch.bfloat16, True, record="rows") for dtype in (torch.float32, torch.bfloat16)
+        Specialization(dtype, "dense", torch.bfloat16, True, record="rows", log_norm=True) for dtype in (torch.float32, torch.bfloat16)
     ] + [
         Specialization(dtype, "topk", torch.bfloat16, True, True, "stats") for dtype in (torch.float32, torch.bfloat16)
     ]
@@ -193,7 +199,7 @@ def softcap_specializations() -> list[Specialization]:
     with statistics recording rows, top-k with a tail recording statistics), the first step and the fused
     head's chunks (no teacher, float32 logits), and dense teachers without statistics (dynsdpb_loss)."""
     return [
-        Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", softcap=True),
+        Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", softcap=True, log_norm=True),
         Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", softcap=True),
         Specialization(torch.float32, "none", record="rows", ring_dtype=torch.bfloat16, softcap=True),
         Specialization(torch.bfloat16, "dense", torch.bfloat16, softcap=True),
@@ -226,13 +232,14 @@ def example_launch(spec: Specialization, block_v: int | None = None, inplace_gra
         teacher_rows = torch.zeros(n_teachers, width, dtype=spec.teacher_dtype)
         teacher_index = torch.arange(n_rows, dtype=torch.int64)
         if spec.teacher_stats:
-            teacher_stats = torch.zeros(n_teachers, 2, dtype=torch.float32)
+            teacher_stats = torch.zeros(n_teachers, N_STATS_WITH_LOG_NORM if spec.log_norm else N_STATS, dtype=torch.float32)
         if spec.teacher == "topk":
             support = torch.zeros(n_teachers, TOPK_K, dtype=torch.int64)
             tail = torch.zeros(n_teachers, dtype=torch.float32) if spec.tail else None
     if spec.record != "none":
         ring_rows = torch.zeros(n_teachers, vocab_size, dtype=spec.ring_dtype) if spec.record == "rows" else None
-        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, 2, dtype=torch.float32))
+        stats_width = N_STATS_WITH_LOG_NORM if spec.record == "rows" else N_STATS  # what a dense / top-k ring records
+        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, stats_width, dtype=torch.float32))
     launches = []
     triton_fused_rows(
         logits, labels, teacher_rows, teacher_index, teacher_stats,

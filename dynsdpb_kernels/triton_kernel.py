@@ -5,9 +5,21 @@ Per row r (student logits z, label y, teacher logits t when the row has a teache
     pre-pass (only when DYNAMIC_TAU and no teacher statistics were given): (u, d) of t at temperature 1,
               because tau_r must be known before the temperature-tau sums of pass 1 can start (alpha_r
               is needed only in pass 2, so DYNAMIC_ALPHA alone takes u from pass 1).
+    normaliser pass (only TEACHER_LOG_NORM, a ring's teachers, and only for a row whose stored
+              log-normaliser is missing or was taken at another tau): t's max and sum at tau_r.
     pass 1:   online max / sum states of z at temperature 1 (cross-entropy and the student's own
-              (u, d)), of z at tau_r and of t at tau_r; a recorded row is copied into the ring here.
-    pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once.
+              (u, d)), of z at tau_r and, unless its log-normaliser is known (TEACHER_LOG_NORM), of t at
+              tau_r; a recorded row is copied into the ring here.
+    pass 2:   KL(P || Q) with the final log-normalisers, and the gradient, written once; a row recorded
+              with RECORD_LOG_NORM also sums exp(r / tau_rec) of its stored row r for its log-normaliser.
+
+Stored log-normalisers (contract.py): a ring's dense teacher row comes with (u, d, tau_rec, log_norm),
+where log_norm = log sum_j exp(t_j / tau_rec) was written by the step that recorded the row (its pass 2,
+where tau_rec = 1 + (tau - 1) d of the row's own d is known and the row is read anyway). The ring step's
+pass 1 then reads z only: 2 (z) + 2 (ring write) + 6 (pass 2: z, t, gradient) = 10 bytes per element
+instead of 12, i.e. 1.67x the 6 bytes of reading z and t and writing the gradient once. The value is used
+only where tau_rec is, bit for bit, this launch's tau_r for the row (_row_temperature in both places);
+otherwise, or when it is NaN, the row takes the normaliser pass (the same bytes as before).
 
 How a row is walked. Each of the BLOCK_V lanes of a loop step keeps its own online state in the loop's
 block-shaped accumulators, and the lanes are combined once per row after the loop (tl.max / tl.sum over
@@ -25,18 +37,21 @@ entry is rewritten once after pass 2 (no per-element select): each element is st
 precision tricks stay (1 + s_rest for confident rows, the exact true-class gradient -s_rest / (1 + s_rest)).
 
 Budget per specialization (bench/sass_roofline.md: static counts of the loops' SASS per logit element on
-sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01;
-predictions from the machine code, not GPU timings):
+sm_90, bfloat16, V = 128256, BLOCK_V 2048 at 16 warps = 4 entries per thread; Triton 3.9.0, 2026-12-01,
+the ring step 2026-12-02; predictions from the machine code, not GPU timings):
 
     specialization                         instructions (pre-pass + pass 1 + pass 2)  MUFU  LDG+STG bytes
     plain CE (no teacher, grad)            26.0  (      17.0 +  9.0)                   2.0   4+2 (4 minimal)
-    ring step (dense bf16 teachers with    57.5  (      34.25 + 23.25)                 6.0   8+4 (8 minimal)
-      stats, ring write, dynamic, grad)
+    ring step (dense bf16 teachers with    51.0  (      24.25 + 26.75)                 6.0   6+4 (8 minimal)
+      stats and stored log-normalisers,
+      ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
 
-MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r; the pre-pass's t at 1) and in
-pass 2 one each for softmax(z), Q and P; no division in a loop (the per-row reciprocals are hoisted).
+MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
+stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
+sum at tau_rec (the ring step: 2 + 4); no division in a loop (the per-row reciprocals are hoisted). The
+ring step's normaliser pass (rows without a usable stored value) is not on the counted path.
 tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
 <= 64 / 6, teachers without stats <= 80 / 7.5).
 
@@ -44,7 +59,8 @@ With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (con
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
 chained with dz'/dz. Without it the kernel is the same code (a constexpr branch; the budget above). With
 it each pass adds _softcap's EX2 and RCP per element: plain CE 78.25 instructions and 6.0 MUFU per element,
-the ring step 110.0 and 10.0 (no budget yet; docs/triton_kernel_roofline.md).
+the ring step 104.75 and 10.0 (110.0 before the stored log-normalisers; no budget yet;
+docs/triton_kernel_roofline.md).
 
 Everything is accumulated in float32; the gradient is rounded to the logits' dtype once, on store.
 Set TRITON_INTERPRET=1 before importing this module to run the kernel on CPU tensors.
@@ -62,7 +78,9 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .backends import triton_interpreted
-from .contract import N_ROW_TERMS, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype
+from .contract import (
+    N_ROW_TERMS, N_STATS_WITH_LOG_NORM, DistillConfig, FusedRows, RowRecord, gradient_buffer, row_terms_dtype,
+)
 
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
@@ -238,6 +256,17 @@ def _finish_row_stats(m1, m2, s_rest, ent, inv_log_v):
 
 
 @triton.jit
+def _row_temperature(tau, discrimination, DYNAMIC_TAU: tl.constexpr):
+    """tau_r of a teacher row of discrimination d: 1 + (tau - 1) d rounded once (an fma) with a dynamic tau,
+    else tau. The one place the kernel computes it, for the teacher it reads and for the row it records
+    (whose stored log-normaliser is used only at exactly this tau: contract.py, "Stored log-normalisers")."""
+    if DYNAMIC_TAU:
+        return tl.fma(tau - 1.0, discrimination, 1.0)
+    else:
+        return tau + 0.0 * discrimination
+
+
+@triton.jit
 def _clamp_unit(x):
     # Clamp rounding excursions into [0, 1] while letting NaN through, so non-finite input stays visible.
     # (the enum is spelled at each call: the compiler takes it as a constant argument, not as a local variable)
@@ -253,6 +282,7 @@ def _dynsdpb_row_kernel(
     teacher_row_stride,
     teacher_index_ptr,
     teacher_stats_ptr,
+    teacher_stats_row_stride,
     grad_ptr,
     grad_row_stride,
     row_terms_ptr,
@@ -262,6 +292,7 @@ def _dynsdpb_row_kernel(
     ring_ptr,
     ring_row_stride,
     ring_stats_ptr,
+    ring_stats_row_stride,
     support_ptr,
     support_row_stride,
     tail_ptr,
@@ -274,11 +305,13 @@ def _dynsdpb_row_kernel(
     softcap,
     HAS_TEACHER: tl.constexpr,
     HAS_TEACHER_STATS: tl.constexpr,
+    TEACHER_LOG_NORM: tl.constexpr,
     DYNAMIC_ALPHA: tl.constexpr,
     DYNAMIC_TAU: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     RECORD: tl.constexpr,
     RECORD_ROWS: tl.constexpr,
+    RECORD_LOG_NORM: tl.constexpr,
     TEACHER_TOPK: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -316,8 +349,8 @@ def _dynsdpb_row_kernel(
     teacher_max = 0.0  # the pre-pass's row maximum of t, which pass 1 then needs not track
     if HAS_TEACHER_STATS:
         if distilled:
-            t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * 2).to(tl.float32)
-            t_discrimination = tl.load(teacher_stats_ptr + teacher_id * 2 + 1).to(tl.float32)
+            t_uncertainty = tl.load(teacher_stats_ptr + teacher_id * teacher_stats_row_stride).to(tl.float32)
+            t_discrimination = tl.load(teacher_stats_ptr + teacher_id * teacher_stats_row_stride + 1).to(tl.float32)
     elif DYNAMIC_TAU:
         if distilled:
             tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes = t_floor, t_floor, zeros, zeros
@@ -329,12 +362,33 @@ def _dynsdpb_row_kernel(
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
             teacher_max = tm1
 
-    if DYNAMIC_TAU:
-        tau_r = 1.0 + (tau - 1.0) * t_discrimination
-    else:
-        tau_r = tau + 0.0 * t_discrimination
+    tau_r = _row_temperature(tau, t_discrimination, DYNAMIC_TAU)
     inv_tau = 1.0 / tau_r
     tau_scale = LOG2E * inv_tau  # exp(x / tau_r) = exp2(x * tau_scale)
+
+    # TEACHER_LOG_NORM (dense teachers whose stats carry (tau_rec, log_norm): a ring's): the teacher's
+    # log-normaliser at tau_r is known before pass 1 where it was stored at exactly this tau_r, and pass 1
+    # then reads no teacher logits: log2 P_j = (t_j - tm1) tau_scale - log2_ts_tau with tm1 = 0 and
+    # log2_ts_tau = log2(e) log_norm. Other rows (NaN: not recorded so, or recorded at another tau: a
+    # changed config) take it from a pass of their own over t (2 bytes and one exponential per element,
+    # what pass 1 would spend on it otherwise): a per-row branch around a loop, not inside pass 1.
+    tm1 = 0.0
+    log2_ts_tau = 0.0
+    if TEACHER_LOG_NORM:
+        if distilled:
+            stored = teacher_stats_ptr + teacher_id * teacher_stats_row_stride
+            stored_tau = tl.load(stored + 2)
+            stored_log_norm = tl.load(stored + 3)
+            if (stored_tau == tau_r) & (stored_log_norm == stored_log_norm):
+                log2_ts_tau = stored_log_norm * LOG2E
+            else:
+                tm_lanes, ts_tau_lanes = t_floor, zeros
+                for start in range(0, V, BLOCK_V):
+                    cols = start + lane
+                    t = _teacher_logits(teacher_row, cols, cols < V)
+                    tm_lanes, ts_tau_lanes = _max_sum_step(tm_lanes, ts_tau_lanes, t, tau_scale)
+                tm1 = tl.max(tm_lanes, axis=0)
+                log2_ts_tau = tl.log2(_combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale))
 
     # Pass 1, per lane (no cross-lane work in the loop): the student's temperature-1 state (_lane_step)
     # and its sum at tau_r, which shares the lane maximum since max(z / tau) = max(z) / tau; the teacher's
@@ -355,7 +409,7 @@ def _dynsdpb_row_kernel(
         zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, grew, delta = _lane_step(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, z)
         if distilled:
             zs_tau_lanes = _tempered_step(zs_tau_lanes, grew, delta, tau_scale)
-            if not TEACHER_TOPK:
+            if not TEACHER_TOPK and not TEACHER_LOG_NORM:
                 t = _teacher_logits(teacher_row, cols, mask)
                 if HAS_TEACHER_STATS:
                     tm_lanes, ts_tau_lanes = _max_sum_step(tm_lanes, ts_tau_lanes, t, tau_scale)
@@ -368,15 +422,17 @@ def _dynsdpb_row_kernel(
     # Across lanes, once per row.
     zm1, zm2, zs_rest, zent = _combine_row_stats(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes)
     zs_tau = _combine_sum(zm_lanes, zs_tau_lanes, zm1, tau_scale)
-    if HAS_TEACHER_STATS:
+    if TEACHER_TOPK or TEACHER_LOG_NORM:
+        pass  # tm1 and log2_ts_tau: from the k values below, or set before pass 1
+    elif HAS_TEACHER_STATS:
         tm1 = tl.max(tm_lanes, axis=0)
-        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
+        log2_ts_tau = tl.log2(tl.where(distilled, _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale), 1.0))
     elif DYNAMIC_TAU:
         tm1 = teacher_max + 0.0 * zm1
-        ts_tau = tl.sum(ts_tau_lanes, axis=0)
+        log2_ts_tau = tl.log2(tl.where(distilled, tl.sum(ts_tau_lanes, axis=0), 1.0))
     else:
         tm1, tm2, ts_rest, tent = _combine_row_stats(tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes)
-        ts_tau = _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale)
+        log2_ts_tau = tl.log2(tl.where(distilled, _combine_sum(tm_lanes, ts_tau_lanes, tm1, tau_scale), 1.0))
         if distilled:
             t_uncertainty, t_discrimination = _finish_row_stats(tm1, tm2, ts_rest, tent, inv_log_v)
     if DYNAMIC_ALPHA:
@@ -431,7 +487,6 @@ def _dynsdpb_row_kernel(
     # log2 ts_tau, so log2 P_j - log2 Q_j = (t_j - z_j) tau_scale + log_ratio_offset; KL(P || Q) =
     # ln 2 sum_j P_j (log2 P_j - log2 Q_j), summed per lane. The gradient is stored once per element.
     log2_zs_tau = log_zs_tau * LOG2E
-    log2_ts_tau = tl.log2(tl.where(distilled, ts_tau, 1.0))
     log_ratio_offset = (zm1 - tm1) * tau_scale + log2_zs_tau - log2_ts_tau
     prob_scale = ce_coef / zs_total
     label_value = ce_coef * label_grad
@@ -441,7 +496,20 @@ def _dynsdpb_row_kernel(
         kl_in_pass_2 = False
     else:
         kl_in_pass_2 = distilled
-    if kl_in_pass_2 | COMPUTE_GRAD:
+    # RECORD_LOG_NORM: a recorded row's log-normaliser at tau_rec, the temperature the loss will give it as
+    # a teacher (its own d is known now), for the next step's pass 1 (contract.py, "Stored log-normalisers"):
+    # log_norm = log sum_j exp(r_j / tau_rec) = zm1 / tau_rec + ln sum_j 2^((r_j - zm1) record_scale), r the
+    # row as stored in the ring (z itself when the ring has the logits' dtype and no softcap, else z rounded
+    # as pass 1 rounded it), the sum at the row's known maximum zm1 (r_j - zm1 <= round(zm1) - zm1: no
+    # overflow). One exponential per element in pass 2, only in recorded rows.
+    z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
+    tau_rec = _row_temperature(tau, z_discrimination, DYNAMIC_TAU)
+    record_scale = LOG2E * (1.0 / tau_rec)  # as tau_scale is formed from tau_r when the row teaches
+    record_lanes = zeros
+    records_log_norm = False
+    if RECORD_LOG_NORM:
+        records_log_norm = record_slot >= 0
+    if kl_in_pass_2 | COMPUTE_GRAD | records_log_norm:
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
@@ -461,6 +529,13 @@ def _dynsdpb_row_kernel(
                     kl_lanes += p * ((t - z) * tau_scale + log_ratio_offset)
                     if COMPUTE_GRAD:
                         grad += kl_coef * (q - p)
+            if RECORD_LOG_NORM:
+                if records_log_norm:
+                    if ring_ptr.dtype.element_ty == logits_ptr.dtype.element_ty and not SOFTCAP:
+                        stored_z = z
+                    else:
+                        stored_z = _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING).to(tl.float32)
+                    record_lanes += tl.exp2((stored_z - zm1) * record_scale)
             if COMPUTE_GRAD:
                 if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
                     grad *= z_slope
@@ -496,13 +571,16 @@ def _dynsdpb_row_kernel(
                 grad_k *= slope_k
             tl.store(grad_row + support, _round_to(grad_k, grad_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=k_mask)
 
-    z_uncertainty, z_discrimination = _finish_row_stats(zm1, zm2, zs_rest, zent, inv_log_v)
     tl.store(student_stats_ptr + row * 2, z_uncertainty)
     tl.store(student_stats_ptr + row * 2 + 1, z_discrimination)
     if RECORD:
         if record_slot >= 0:
-            tl.store(ring_stats_ptr + record_slot * 2, z_uncertainty)
-            tl.store(ring_stats_ptr + record_slot * 2 + 1, z_discrimination)
+            ring_stats = ring_stats_ptr + record_slot * ring_stats_row_stride
+            tl.store(ring_stats, z_uncertainty)
+            tl.store(ring_stats + 1, z_discrimination)
+            if RECORD_LOG_NORM:
+                tl.store(ring_stats + 2, tau_rec)
+                tl.store(ring_stats + 3, zm1 * (1.0 / tau_rec) + tl.log(tl.sum(record_lanes, axis=0)))
     terms = row_terms_ptr + row * 5
     tl.store(terms, ce)
     tl.store(terms + 1, kl)
@@ -580,6 +658,7 @@ def triton_fused_rows(
     if n_rows == 0:
         return outputs
     has_teacher = teacher_rows is not None and teacher_index is not None
+    has_dense_teacher = has_teacher and teacher_support is None
     grad = outputs.grad
     blocks = block_config(vocab_size, block_v)
     # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
@@ -592,6 +671,7 @@ def triton_fused_rows(
         teacher_row_stride=teacher_rows.stride(0) if has_teacher else 0,
         teacher_index_ptr=teacher_index if has_teacher else labels,
         teacher_stats_ptr=teacher_stats if teacher_stats is not None else placeholder,
+        teacher_stats_row_stride=teacher_stats.stride(0) if teacher_stats is not None else 0,
         grad_ptr=grad if grad is not None else logits,
         grad_row_stride=grad.stride(0) if grad is not None else 0,
         row_terms_ptr=outputs.row_terms,
@@ -601,6 +681,7 @@ def triton_fused_rows(
         ring_ptr=record.ring_logits if record is not None and record.ring_logits is not None else placeholder,
         ring_row_stride=record.ring_logits.stride(0) if record is not None and record.ring_logits is not None else 0,
         ring_stats_ptr=record.stats if record is not None else placeholder,
+        ring_stats_row_stride=record.stats.stride(0) if record is not None else 0,
         support_ptr=teacher_support if teacher_support is not None else labels,
         support_row_stride=teacher_support.stride(0) if teacher_support is not None else 0,
         tail_ptr=teacher_tail if teacher_tail is not None else placeholder,
@@ -615,11 +696,15 @@ def triton_fused_rows(
     constexprs = dict(
         HAS_TEACHER=has_teacher,
         HAS_TEACHER_STATS=has_teacher and teacher_stats is not None,
+        TEACHER_LOG_NORM=has_dense_teacher and teacher_stats is not None
+        and teacher_stats.shape[1] == N_STATS_WITH_LOG_NORM,
         DYNAMIC_ALPHA=config.dynamic_alpha,
         DYNAMIC_TAU=config.dynamic_tau,
         COMPUTE_GRAD=grad is not None,
         RECORD=record is not None,
         RECORD_ROWS=record is not None and record.ring_logits is not None,
+        RECORD_LOG_NORM=record is not None and record.ring_logits is not None
+        and record.stats.shape[1] == N_STATS_WITH_LOG_NORM,
         TEACHER_TOPK=teacher_support is not None,
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         SOFTCAP=config.softcap is not None,

@@ -76,7 +76,7 @@ def test_cover_holds_every_pair_of_factor_values() -> None:
                     arch, name_a, value_a, name_b, value_b)
     flags = {tuple(triton_aot.factor_values(spec)[name] for name in ("side", "record", "dynamic", "compute_grad"))
              for spec in triton_aot.compile_check_set(90)}
-    assert len(flags) == 5 * 3 * 4 * 2  # teacher side, record, dynamic (True, False, "alpha", "tau"), gradient
+    assert len(flags) == 6 * 3 * 4 * 2  # teacher side, record, dynamic (True, False, "alpha", "tau"), gradient
 
 
 @pytest.mark.parametrize("arch", ARCHS)

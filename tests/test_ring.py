@@ -164,7 +164,11 @@ def test_recorded_teacher_is_the_rounded_row_with_its_stats(backend):
     assert torch.equal(rows[0], logits[1, 0].to(torch.bfloat16))
     from dynsdpb_kernels import row_statistics
 
-    torch.testing.assert_close(stats, row_statistics(logits[1, :1].double()).float(), rtol=1e-5, atol=1e-6)
+    assert stats.shape == (1, 4)  # (u, d, tau_rec, log_norm)
+    torch.testing.assert_close(stats[:, :2], row_statistics(logits[1, :1].double()).float(), rtol=1e-5, atol=1e-6)
+    tau_rec = 1 + (3.0 - 1) * stats[0, 1].double()  # the module's default tau = 3, dynamic
+    torch.testing.assert_close(stats[0, 2].double(), tau_rec, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats[0, 3].double(), (rows[0].double() / tau_rec).logsumexp(-1), rtol=1e-6, atol=1e-6)
     assert loss_fn.ring.teacher(12) is None
 
 
@@ -397,8 +401,9 @@ def test_nbytes_is_the_exact_formula_and_independent_of_the_ids(storage):
     vocab_size, capacity, reserve, k = 100, 10, 6, 7
     dtype_bytes = 2  # bfloat16
     physical = capacity + reserve
-    per_row = vocab_size * dtype_bytes + 8 if storage == "dense" else k * (dtype_bytes + 8) + 4 + 8
-    formula = physical * per_row + 24 * capacity + 8  # README: rows + (u, d) [+ ids, tail], entry table, head
+    per_row = vocab_size * dtype_bytes + 16 if storage == "dense" else k * (dtype_bytes + 8) + 4 + 8
+    # README: rows + (u, d) [+ (tau_rec, log_norm) dense; + ids, tail top-k], entry table, head
+    formula = physical * per_row + 24 * capacity + 8
     rings = []
     for ids in ([0, 1, 2], [2**40 + 3, 2**62 + 1, 2**63 - 1]):
         ring = TeacherRing(vocab_size, capacity, device="cpu", reserve_rows=reserve, storage=storage, topk=k)

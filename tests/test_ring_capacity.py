@@ -26,7 +26,7 @@ STREAM_BACKENDS = [b for b in BACKENDS if b != "triton" or torch.cuda.is_availab
 
 
 def _dense_formula(capacity: int, reserve: int, vocab_size: int = VOCAB, dtype_bytes: int = 2) -> int:
-    return (capacity + reserve) * (vocab_size * dtype_bytes + 8) + 24 * capacity + 8  # README's formula
+    return (capacity + reserve) * (vocab_size * dtype_bytes + 16) + 24 * capacity + 8  # README's formula
 
 
 class _Stream:
@@ -100,7 +100,7 @@ def test_default_ring_keeps_every_previous_teacher_with_dynamic_padding(backend,
     ring = grown.ring
     assert (ring.capacity_rows, ring.physical_rows) == (largest, 2 * largest)
     assert ring.nbytes == _ring_tensor_bytes(ring) == grown.last_stats.ring_bytes
-    per_row = VOCAB * 2 + 8 if storage == "dense" else 8 * (2 + 8) + 12  # bfloat16 rows, k = 8
+    per_row = VOCAB * 2 + 16 if storage == "dense" else 8 * (2 + 8) + 12  # bfloat16 rows, k = 8
     assert ring.nbytes == 2 * largest * per_row + 24 * largest + 8  # README's formula, P = 2 * C
     for i in stream.batches[-1][4:]:  # the last step's new samples are live, with the same rows as the ample ring's
         assert torch.equal(ring.teacher(i)[0], ample.ring.teacher(i)[0])

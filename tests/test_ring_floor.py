@@ -18,10 +18,11 @@ LLAMA_VOCAB = 128256
 
 
 def _row_bytes(ring: TeacherRing) -> int:
-    """Bytes of one row in the ring's format: values (and top-k ids and tail), (u, d) in float32."""
+    """Bytes of one row in the ring's format: values (and top-k ids and tail), (u, d) in float32 (dense: also
+    the row's (tau_rec, log_norm))."""
     element = ring.logits.element_size()
     if ring.support is None:
-        return ring.vocab_size * element + 8
+        return ring.vocab_size * element + 16
     return ring.topk * (element + 8) + 4 + 8
 
 

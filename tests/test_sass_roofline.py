@@ -1,11 +1,11 @@
 """bench/sass_roofline.py's SASS parsing on one real compile for sm_90: the DynSDPBLoss ring step (dense
-bfloat16 teachers with statistics, ring write, dynamic, gradient), whose loop bodies hold branches (the
-ring write, the distilled row's teacher terms).
+bfloat16 teachers with statistics and stored log-normalisers, ring write, dynamic, gradient), whose loop
+bodies hold branches (the ring write, the distilled row's teacher terms, the recorded row's log-normaliser).
 
 The compile runs in a child process without TRITON_INTERPRET (conftest.py sets it; compiling needs the real
 triton.jit) and dumps its PTX, cubin and SASS; this process parses them with the tool's functions. The
-checks are structural, not timings: exactly the two vocabulary loops (pass 1, pass 2), each named by its
-`for` line and spanning every block from its header to its back edge; their MUFU.EX2 counts equal the `ex2.approx` counts of the same loops in the PTX, found here
+checks are structural, not timings: exactly the three vocabulary loops (the normaliser pass of rows
+without a usable stored log-normaliser, pass 1, pass 2), each named by its `for` line and spanning every block from its header to its back edge; their MUFU.EX2 counts equal the `ex2.approx` counts of the same loops in the PTX, found here
 independently from LLVM's loop comments ("Loop Header", "in Loop: Header=BB0_n"), not from the tool's
 control-flow graph; per-element figures that follow from the loads' widths and the block shape.
 Skipped where Triton's ptxas / nvdisasm are absent.
@@ -91,7 +91,9 @@ def test_finds_exactly_the_two_vocabulary_loops(compiled):
     tool = _load_tool()
     listing, loops = tool.analyse_sass(compiled["sass"], triton_kernel._dynsdpb_row_kernel, tool.OUR_LOOPS,
                                        compiled["shape"]["block"])
-    assert list(loops) == ["pass 1", "pass 2"]  # no pre-pass: the teacher statistics are given
+    # no pre-pass: the teacher statistics are given; the normaliser pass (rows without a stored log-normaliser
+    # at their tau_r) is a loop of its own, not a branch inside pass 1
+    assert list(loops) == ["normaliser pass", "pass 1", "pass 2"]
     # the graph's loops: nvdisasm's one-instruction trap after EXIT, and versions of the two (LLVM may
     # unswitch a loop on `distilled`; the heaviest version is the one named)
     all_loops = tool.natural_loops(listing)
@@ -104,9 +106,13 @@ def test_finds_exactly_the_two_vocabulary_loops(compiled):
                       and listing.labels[listing.instructions[i].target] == loop.header]
         # one back edge; the body is every instruction from the header to it (Triton's loops are contiguous)
         assert len(back_edges) == 1 and loop.members == list(range(loop.header, back_edges[0] + 1)), name
-        assert len(branches) >= 2, name  # a conditional part inside: the body spans several blocks
-        # z and t are read in both passes (two LDG); pass 1 writes the ring row, pass 2 the gradient
-        assert sum(op.startswith("LDG") for op in ops) == 2 * unroll and sum(op.startswith("STG") for op in ops) == unroll, name
+        # reads and writes per loop: the normaliser pass t; pass 1 z only (its teacher's log-normaliser is
+        # stored) and writes the ring row; pass 2 z and t, and writes the gradient
+        loads, stores = {"normaliser pass": (1, 0), "pass 1": (1, 1), "pass 2": (2, 1)}[name]
+        assert sum(op.startswith("LDG") for op in ops) == loads * unroll, name
+        assert sum(op.startswith("STG") for op in ops) == stores * unroll, name
+        if name != "normaliser pass":
+            assert len(branches) >= 2, name  # a conditional part inside: the body spans several blocks
 
 
 def test_mufu_matches_the_ptx_exponentials_loop_by_loop(compiled):
@@ -116,7 +122,7 @@ def test_mufu_matches_the_ptx_exponentials_loop_by_loop(compiled):
     ptx_loops = ptx_loops_from_llvm_comments(compiled["ptx"])
     # the same loops (versions of a loop included) in the PTX as in the SASS, in the same order
     sass_loops = sorted((loop for loop in tool.natural_loops(listing) if len(loop.members) > 1), key=lambda l: l.header)
-    assert len(ptx_loops) == len(sass_loops) and len(loops) == 2
+    assert len(ptx_loops) == len(sass_loops) and len(loops) == 3
     for loop, ptx_lines in zip(sass_loops, ptx_loops):
         counts = tool.count_loop(listing, loop)
         ex2 = sum("ex2.approx" in line for line in ptx_lines)
@@ -132,10 +138,11 @@ def test_per_element_figures_follow_from_the_block(compiled):
     row, shape = compiled["row"], compiled["shape"]
     # the child compiled the launcher's own large-vocabulary launch (this process's conftest shrinks MAX_BLOCK_V)
     assert row["per_thread"] == shape["block"] // (32 * shape["num_warps"]) == triton_kernel.ELEMENTS_PER_THREAD
-    # bfloat16 z and t read in both passes (8 bytes per element), the ring row and the gradient written once
-    # (4); the minimum is each of the four once
-    assert (row["load_bytes_per_elem"], row["store_bytes_per_elem"], row["minimal_bytes_per_elem"]) == (8, 4, 8)
-    # exponentials per element: z at 1 and at tau_r, t at tau_r in pass 1; P, Q and the softmax in pass 2
+    # bfloat16 z read in both passes, t in pass 2 only (its log-normaliser stored): 6 bytes per element; the
+    # ring row and the gradient written once (4); the minimum is each of the four once
+    assert (row["load_bytes_per_elem"], row["store_bytes_per_elem"], row["minimal_bytes_per_elem"]) == (6, 4, 8)
+    # exponentials per element: z at 1 and at tau_r in pass 1; P, Q, the softmax and the recorded row's sum
+    # at tau_rec in pass 2
     assert row["mufu_per_elem"] >= 6
     # per-lane states: the lanes combine once per row after each loop, so no shuffle or barrier inside one
     pass_1, pass_2 = (tuple(map(int, part.split("/"))) for part in row["shfl_bar_per_iter"].split(" + "))

@@ -26,6 +26,9 @@
 // one exponential per element (sum_j exp((z_j - max) / tau_rec) for its tail mass: in pass A with a fixed
 // tau, in pass C with a dynamic one, in a pass of its own when no gradient is computed) and one vector
 // compare per vector for the selection of its k largest logits (TopkSelector), no extra pass otherwise.
+// A row recorded into a dense ring with four stats columns adds the same one exponential per element, over
+// the ring's block read back as stored (rounded), for its log-normaliser (tau_rec, log_norm: contract.py,
+// "Stored log-normalisers"); this kernel writes it but reads t for P as before (its KL pass streams t anyway).
 //
 // Final-logit softcapping (softcap = c > 0; 0 is off and takes none of the code below): each student block
 // is replaced on load by z' = c tanh(z / c) (Sleef's tanh through at::vec, NaN for a non-finite z), so
@@ -402,9 +405,10 @@ struct TopkSelector {
 
 // Per-thread block buffers (float32 copies of reduced-precision blocks, and the gradient block).
 struct Scratch {
-  Scratch(int64_t block, int64_t top_k, bool softcap, int64_t record_k)
+  Scratch(int64_t block, int64_t top_k, bool softcap, int64_t record_k, bool record_log_norm)
       : z(block), t(block), out(block), derivative(softcap ? block : 0), support_z(top_k), support_t(top_k),
-        support_derivative(softcap ? top_k : 0), selector(record_k), record_values(record_k), record_ids(record_k) {}
+        support_derivative(softcap ? top_k : 0), selector(record_k), record_values(record_k), record_ids(record_k),
+        stored(record_log_norm ? block : 0) {}
   std::vector<float> z, t, out;
   std::vector<float> derivative;  // dz'/dz of the block (softcapping only)
   std::vector<float> support_z, support_t;  // a top-k teacher's k logits and the student's at those ids
@@ -412,6 +416,7 @@ struct Scratch {
   TopkSelector selector;  // a top-k ring record's candidates
   std::vector<float> record_values;  // and its k values / ids, sorted
   std::vector<int64_t> record_ids;
+  std::vector<float> stored;  // a dense ring row's block as stored (rounded), for its log-normaliser
 };
 
 }  // namespace
@@ -446,10 +451,14 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
   const int64_t* label_ptr = labels.data_ptr<int64_t>();
   const int64_t* index_ptr = has_teacher ? teacher_index->data_ptr<int64_t>() : nullptr;
   const float* stats_ptr = has_stats ? teacher_stats->data_ptr<float>() : nullptr;
+  const int64_t stats_stride = has_stats ? teacher_stats->stride(0) : 0;  // (u, d [, tau_rec, log_norm])
   const bool record = record_index.has_value() && ring_stats.has_value();  // rows too when ring_rows is given
   const bool record_rows = record && ring_rows.has_value();
   const int64_t* record_ptr = record ? record_index->data_ptr<int64_t>() : nullptr;
   float* ring_stats_ptr = record ? ring_stats->data_ptr<float>() : nullptr;
+  const int64_t ring_stats_stride = record ? ring_stats->stride(0) : 0;
+  // a dense ring with four stats columns: each recorded row's (tau_rec, log_norm) too (contract.py)
+  const bool record_log_norm = record_rows && ring_stats->size(1) == 4;
   const int64_t* support_ptr = teacher_support.has_value() ? teacher_support->data_ptr<int64_t>() : nullptr;
   const int64_t top_k = support_ptr != nullptr ? teacher_support->size(1) : 0;
   const int64_t support_stride = support_ptr != nullptr ? teacher_support->stride(0) : 0;
@@ -466,7 +475,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
 
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    Scratch scratch(block, top_k, cap > 0.0f, record_k);
+    Scratch scratch(block, top_k, cap > 0.0f, record_k, record_log_norm);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < n_rows; ++row) {
       const int64_t label = label_ptr[row];
@@ -481,15 +490,20 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       // alpha_r, tau_r: known before the row is read when the teacher's (u, d) are stored or tau is fixed
       // (dynamic_alpha alone needs u only after pass A, so the fixed-tau sums still go in pass A)
       float t_uncertainty = 0.0f, t_discrimination = 0.0f, alpha_r = 0.0f, tau_r = 0.0f, inv_tau = 1.0f;
+      // tau_r of a teacher row of discrimination d: fma(tau - 1, d, 1), rounded once as every backend rounds
+      // it (a stored log-normaliser is keyed by it: contract.py), or tau
+      auto row_temperature = [&](float d) {
+        return dynamic_tau ? std::fma(static_cast<float>(tau) - 1.0f, d, 1.0f) : static_cast<float>(tau);
+      };
       auto set_temperature = [&]() {
         alpha_r = dynamic_alpha ? static_cast<float>(alpha) * (1.0f - t_uncertainty) : static_cast<float>(alpha);
-        tau_r = dynamic_tau ? 1.0f + (static_cast<float>(tau) - 1.0f) * t_discrimination : static_cast<float>(tau);
+        tau_r = row_temperature(t_discrimination);
         inv_tau = 1.0f / tau_r;
       };
       const bool tempered_in_pass_a = distilled && (has_stats || !dynamic_tau);
       if (distilled && has_stats) {
-        t_uncertainty = stats_ptr[2 * teacher];
-        t_discrimination = stats_ptr[2 * teacher + 1];
+        t_uncertainty = stats_ptr[stats_stride * teacher];
+        t_discrimination = stats_ptr[stats_stride * teacher + 1];
       }
       if (tempered_in_pass_a) set_temperature();
 
@@ -499,9 +513,16 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       TemperedSum zq, tp;
       float offset = 0.0f;
       // a top-k record: its tail mass needs sum_j exp((z_j - max) / tau_rec) at the temperature the loss
-      // will give this row as a teacher, tau_rec from the row's own d (known after pass A) or fixed
+      // will give this row as a teacher, tau_rec from the row's own d (known after pass A) or fixed; a dense
+      // record with four stats columns: its log-normaliser, the same sum over the row as stored (the ring's
+      // block read back, rounded to the ring's dtype), log_norm = max / tau_rec + log(sum)
       const bool topk_slot = record_topk && slot >= 0;
-      const bool record_sum_in_pass_a = topk_slot && !dynamic_tau;
+      const bool dense_log_norm_slot = record_log_norm && slot >= 0;
+      const bool record_sum_slot = topk_slot || dense_log_norm_slot;
+      auto recorded_block = [&](const float* z, int64_t start, int64_t n) {
+        return dense_log_norm_slot ? load_block(*ring_rows, slot, start, n, scratch.stored.data()) : z;
+      };
+      const bool record_sum_in_pass_a = record_sum_slot && !dynamic_tau;
       const float inv_tau_record = dynamic_tau ? 1.0f : 1.0f / static_cast<float>(tau);  // fixed tau; else set after pass A
       TemperedSum record_sum;
       if (topk_slot) scratch.selector.count = 0;
@@ -512,7 +533,10 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         const float z_block_max = block_max(z, n);
         zs.add_block(z, n, z_block_max);
         if (topk_slot) scratch.selector.add_block(z, n, start);
-        if (record_sum_in_pass_a) record_sum.add_block(z, n, z_block_max, inv_tau_record);
+        if (record_sum_in_pass_a) {
+          const float* recorded = recorded_block(z, start, n);
+          record_sum.add_block(recorded, n, recorded == z ? z_block_max : block_max(recorded, n), inv_tau_record);
+        }
         if (top_k_teacher) {
           zq.add_block(z, n, z_block_max, inv_tau);
         } else if (dense_teacher) {
@@ -529,18 +553,22 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
       student[row][0] = zs.uncertainty(inv_log_v);
       student[row][1] = zs.discrimination();
       if (slot >= 0) {
-        ring_stats_ptr[2 * slot] = student[row][0];
-        ring_stats_ptr[2 * slot + 1] = student[row][1];
+        ring_stats_ptr[ring_stats_stride * slot] = student[row][0];
+        ring_stats_ptr[ring_stats_stride * slot + 1] = student[row][1];
       }
       // tau_rec of a dynamic temperature: 1 + (tau - 1) d, the row's own d (what the loss computes from
       // the ring's stats when this row teaches); its sum rides in pass C, or has its own pass without one
-      const float inv_tau_rec = dynamic_tau ? 1.0f / (1.0f + (static_cast<float>(tau) - 1.0f) * student[row][1]) : inv_tau_record;
-      const bool record_sum_in_pass_c = topk_slot && dynamic_tau && compute_grad;
-      if (topk_slot && dynamic_tau) record_sum.max = zs.max;
-      if (topk_slot && dynamic_tau && !compute_grad) {
+      const float tau_rec = row_temperature(student[row][1]);
+      const float inv_tau_rec = dynamic_tau ? 1.0f / tau_rec : inv_tau_record;
+      const bool record_sum_in_pass_c = record_sum_slot && dynamic_tau && compute_grad;
+      // at the row's maximum (a stored block's entries exceed it by at most its rounding: no overflow)
+      if (record_sum_slot && dynamic_tau) record_sum.max = zs.max;
+      if (record_sum_slot && dynamic_tau && !compute_grad) {
         for (int64_t start = 0; start < vocab; start += block) {
           const int64_t n = std::min(block, vocab - start);
-          record_sum.add_block(load_student_block(logits, row, start, n, scratch.z.data(), cap), n, zs.max, inv_tau_rec);
+          const float* recorded = dense_log_norm_slot ? recorded_block(nullptr, start, n)
+                                                      : load_student_block(logits, row, start, n, scratch.z.data(), cap);
+          record_sum.add_block(recorded, n, zs.max, inv_tau_rec);
         }
       }
       if (dense_teacher && !has_stats) {
@@ -631,7 +659,7 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
           const int64_t n = std::min(block, vocab - start);
           float* derivative = cap > 0.0f ? scratch.derivative.data() : nullptr;
           const float* z = load_student_block(logits, row, start, n, scratch.z.data(), cap, derivative);
-          if (record_sum_in_pass_c) record_sum.add_block(z, n, zs.max, inv_tau_rec);
+          if (record_sum_in_pass_c) record_sum.add_block(recorded_block(z, start, n), n, zs.max, inv_tau_rec);
           const float* t = dense_teacher ? load_block(*teacher_rows, teacher, start, n, scratch.t.data()) : nullptr;
           float* out = scratch.out.data();
           if (dense_teacher) gradient_block<kDenseTeacher>(z, t, n, weights, out);
@@ -670,6 +698,11 @@ void fused_rows(const at::Tensor& logits, const at::Tensor& labels, const c10::o
         for (int64_t j = 0; j < record_k; ++j) kept += std::exp((values[j] - record_sum.max) * inv_tau_rec);
         const float tail_mass = 1.0f - kept / record_sum.sum;
         record_tail_ptr[slot] = tail_mass != tail_mass ? tail_mass : std::fmin(std::fmax(tail_mass, 0.0f), static_cast<float>(1.0 - 1e-6));
+      }
+
+      if (dense_log_norm_slot) {
+        ring_stats_ptr[ring_stats_stride * slot + 2] = tau_rec;
+        ring_stats_ptr[ring_stats_stride * slot + 3] = record_sum.max * inv_tau_rec + std::log(record_sum.sum);
       }
 
       terms[row][0] = ce;
