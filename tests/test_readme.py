@@ -95,3 +95,24 @@ def test_last_visit_example_runs_and_distills(capsys):
         assert re.fullmatch(r"epoch \d: loss [\d.]+  teachers 8/8  ring \d+ bytes", line), line
     ring = namespace["loss_fn"].ring
     assert ring.storage == "topk" and int(namespace["loss_fn"].last_stats.teacher_misses) == 0
+
+
+def test_first_screen_loop_runs_and_distills():
+    """The first screen's own-loop example, given what it assumes exists (a Hugging Face causal LM, a dataset
+    of equal-length input_ids/labels tensors, an optimizer): it trains with DLB batches and its last step
+    distills the previous step's samples."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    starts = torch.randint(0, 80, (40,)).tolist()
+    dataset = [{"input_ids": s + torch.arange(12), "labels": s + torch.arange(12)} for s in starts]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    namespace: dict = {"model": model, "dataset": dataset, "optimizer": optimizer}
+    exec(compile(python_block_after("### In your own training loop"), str(README), "exec"), namespace)
+    stats = namespace["loss_fn"].last_stats
+    assert int(stats.teacher_samples) == 8 and int(stats.teacher_misses) == 0  # the previous step's 8 new samples
+    assert len(namespace["batch"]["sample_ids"]) == 16 and namespace["loss"].requires_grad
