@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--arms", type=_str_list, default=None,
         help="comma-separated, of ce,ce_rerun,dlb,dynsdpb,alpha_only,tau_only (the default) and the compute-matched arms "
-        "ce_long,ce_ls,lastvisit,lastvisit_static; 'compute': ce,ce_long,ce_ls,ce_rerun,dlb,dynsdpb,lastvisit,lastvisit_static",
+        "ce_long,ce_ls,lastvisit,lastvisit_static,lastvisit_ramp; 'compute': ce,ce_long,ce_ls,ce_rerun,dlb,dynsdpb,lastvisit,lastvisit_static,lastvisit_ramp",
     )
     study.add_argument("--epochs", type=int, default=None, help="passes over the train split per run (None: each task's fixed steps)")
     study.add_argument("--tasks", type=_str_list, default=None, help="comma-separated, of sentiment,gsm (None: both)")

@@ -132,6 +132,16 @@ class RingLoss(nn.Module):
             f"teacher_storage={self.teacher_storage!r}, record_policy={self.record_policy!r}"
         )
 
+    def set_alpha(self, alpha: float) -> None:
+        """Set the distillation weight alpha for the calls that follow (alpha_r = alpha * (1 - u_r) under
+        the dynamic rule, alpha itself with dynamic=False or "tau"): a schedule, e.g. PS-KD's ramp
+        alpha_t = alpha * t / T over the epochs t = 0..T-1 for teacher="previous_visit". ValueError (naming
+        alpha) unless a finite number >= 0, and nothing changes; the ring is untouched. alpha is not part
+        of the state_dict: a resumed run sets it again."""
+        options = replace(self.options, distill=replace(self.options.distill, alpha=alpha))
+        check_options(options)
+        self.options = options
+
     # The ring travels with the module's state_dict (and so with checkpoints of a model that owns it).
     def get_extra_state(self) -> dict:
         return {"ring": self.ring.state_dict() if self.ring is not None else None}

@@ -145,3 +145,28 @@ def test_bad_teacher_options_are_named():
         DynSDPBLoss(VOCAB, teacher="previous_epoch")
     with pytest.raises(ValueError, match="record_policy must be 'all'"):
         DynSDPBLoss(VOCAB, teacher="previous_visit", record_policy="new")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_alpha_schedules_the_distillation_weight(backend):
+    """set_alpha(a) makes the next calls distill with weight a (PS-KD's ramp over epochs): each visit's loss
+    equals the float64 truth at that alpha with the previous visit's logits as teachers; a bad alpha is
+    refused by name and changes nothing."""
+    module = DynSDPBLoss(VOCAB, teacher="previous_visit", teacher_storage="dense", teacher_dtype=torch.float32,
+                         backend=backend, **OPTIONS)  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    ids = [0, 1, 2]
+    previous, _ = _batch(ids, generator)
+    module(previous, _, torch.tensor(ids))  # the first visit: recorded, no teachers
+    for alpha in (0.0, 0.5, 1.5):
+        module.set_alpha(alpha)
+        logits, labels = _batch(ids, generator)
+        loss = module(logits, labels, torch.tensor(ids))
+        assert int(module.last_stats.teacher_samples) == 3
+        truth = truth_dynsdpb(logits, labels, previous, labels != IGNORE, alpha=alpha, tau=OPTIONS["tau"], dynamic=False)
+        torch.testing.assert_close(loss.double(), truth["loss"], rtol=2e-5, atol=2e-6)
+        previous = logits
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="alpha must be a finite number >= 0"):
+            module.set_alpha(bad)
+        assert module.options.distill.alpha == 1.5

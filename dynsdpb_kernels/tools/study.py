@@ -8,7 +8,8 @@ re-run from its distillation), "dlb" (dynamic=False: constant alpha, tau), "dyns
 "alpha_only" (dynamic="alpha") and "tau_only" (dynamic="tau") (DEFAULT_ARMS); the compute-matched arms
 (COMPUTE_ARMS adds them): "ce_long" (plain CE for twice the epochs or steps: the sample passes of a
 re-running arm), "ce_ls" (label smoothing 0.1), "lastvisit" / "lastvisit_static" (teacher="previous_visit",
-dynamic=True / False: each sample taught by its own top-k logits from its previous visit, no re-run).
+dynamic=True / False: each sample taught by its own top-k logits from its previous visit, no re-run) and
+"lastvisit_ramp" (lastvisit_static with PS-KD's alpha_t = alpha * t / T over the epochs).
 The cost of a run: its updates, sample passes, CPU seconds, and (time_full_model) the seconds per update
 of the whole model's forward and backward, measured per arm, times its updates.
 
@@ -72,6 +73,7 @@ class Arm:
     passes: int = 1
     label_smoothing: float = 0.0
     teacher: str = "previous_batch"
+    alpha_ramp: bool = False  # PS-KD's alpha_t = alpha * t / T over the epochs t = 0..T-1 (DynSDPBLoss.set_alpha)
 
 
 ARMS: dict[str, Arm] = {
@@ -87,11 +89,12 @@ ARMS: dict[str, Arm] = {
     "ce_ls": Arm(rerun=False, dynamic=None, label_smoothing=0.1),
     "lastvisit": Arm(rerun=False, dynamic=True, teacher="previous_visit"),
     "lastvisit_static": Arm(rerun=False, dynamic=False, teacher="previous_visit"),
+    "lastvisit_ramp": Arm(rerun=False, dynamic=False, teacher="previous_visit", alpha_ramp=True),
 }
 # `dynsdpb study` without --arms: the previous-batch study (docs/study, docs/study_lr1e-3)
 DEFAULT_ARMS = ("ce", "ce_rerun", "dlb", "dynsdpb", "alpha_only", "tau_only")
 # the compute-matched study (docs/study_compute)
-COMPUTE_ARMS = ("ce", "ce_long", "ce_ls", "ce_rerun", "dlb", "dynsdpb", "lastvisit", "lastvisit_static")
+COMPUTE_ARMS = ("ce", "ce_long", "ce_ls", "ce_rerun", "dlb", "dynsdpb", "lastvisit", "lastvisit_static", "lastvisit_ramp")
 TASKS = ("sentiment", "gsm")
 
 # two-sided 95% quantiles t_{0.975, df} of Student's t for df = 1..30 (standard tables; e.g. scipy.stats.t.ppf)
@@ -467,8 +470,11 @@ def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data
     seen: set[int] = set()  # samples visited so far (a previous-visit teacher exists for each)
     previous_new: list[int] = []
     cpu_started = time.process_time()  # CPU time of all threads: the cost, whatever else shares the machine
+    per_epoch = math.ceil(len(train) / config.batch_size)
     for step, (batch, new) in enumerate(step_batches(len(train), config.batch_size, steps, seed), start=1):
         started = time.perf_counter()
+        if ARMS[arm].alpha_ramp:  # epoch t = 0..T-1 of T: alpha * t / T (0 in the first, which has no teachers)
+            loss_fn.set_alpha(config.alpha * ((step - 1) // per_epoch) / math.ceil(steps / per_epoch))
         ids = batch if ARMS[arm].rerun else new
         feats, mask, positions, labels = batch_tensors(train, ids, train_features)
         logits = top(feats, mask, positions)
