@@ -562,7 +562,8 @@ def time_full_model(loaded, task: str, train: list[Example], arms: tuple[str, ..
                 step(ids)
             seconds = [step(ids) for ids in batches[2:]]
             out["arms"][arm] = {"s_per_update": statistics.median(seconds), "samples_per_update": len(batches[2]),
-                                "teacher_samples_last": int(loss_fn.last_stats.teacher_samples) if loss_fn is not None else 0}  # fmt: skip
+                                "teacher_samples_last": int(loss_fn.last_stats.teacher_samples) if loss_fn is not None else 0,
+                                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     finally:
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
@@ -861,11 +862,16 @@ def plot_cost(plt, task: str, entry: dict, out: Path) -> None:
         axis.errorbar([x], [value["mean"]], yerr=error, fmt="o", capsize=3, label=arm)
         axis.annotate(arm, (x, value["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axis.set_xlabel("full fine-tuning seconds per run (updates x measured s/update)" if timed else "sample passes per run")
-    axis.set_ylabel(f"held-out {entry['metric']}")
-    axis.set_title(f"{task}: metric against cost (mean over seeds, 95% CI)", fontsize=9)
-    axis.legend(fontsize=7)
+    _save_figure(plt, figure, axis, f"held-out {entry['metric']}", f"{task}: metric against cost (mean over seeds, 95% CI)", out / f"{task}_cost.png", 7)
+
+
+def _save_figure(plt, figure, axis, ylabel: str, title: str, path: Path, legend_size: int) -> None:
+    """Label the axis, add its legend, and write the figure to `path` (120 dpi)."""
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=legend_size)
     figure.tight_layout()
-    figure.savefig(out / f"{task}_cost.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
@@ -887,13 +893,8 @@ def plot_results(runs: list[dict], summary: dict, out: Path) -> None:
             if stats["n"] > 1:
                 axis.errorbar([x + 0.3], [stats["mean"]], yerr=[[stats["mean"] - stats["ci_low"]], [stats["ci_high"] - stats["mean"]]], fmt="k_", capsize=3)
         axis.axhline(entry["heldout_start"][entry["metric"]], color="grey", linestyle=":", linewidth=0.8, label="before training")
-        axis.set_xticks(range(len(arms)), arms)
-        axis.set_ylabel(f"held-out {entry['metric']}")
-        axis.set_title(f"{task}: a dot per seed, mean and 95% CI (black)", fontsize=9)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        figure.savefig(out / f"{task}.png", dpi=120)
-        plt.close(figure)
+        axis.set_xticks(range(len(arms)), arms, rotation=30, fontsize=7)
+        _save_figure(plt, figure, axis, f"held-out {entry['metric']}", f"{task}: a dot per seed, mean and 95% CI (black)", out / f"{task}.png", 8)
         plot_cost(plt, task, entry, out)
     tasks = list(summary["tasks"])
     figure, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6), squeeze=False)
