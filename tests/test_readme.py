@@ -114,5 +114,5 @@ def test_first_screen_loop_runs_and_distills():
     namespace: dict = {"model": model, "dataset": dataset, "optimizer": optimizer}
     exec(compile(python_block_after("### In your own training loop"), str(README), "exec"), namespace)
     stats = namespace["loss_fn"].last_stats
-    assert int(stats.teacher_samples) == 8 and int(stats.teacher_misses) == 0  # the previous step's 8 new samples
+    assert int(stats.teacher_samples) == 8 and int(stats.teacher_misses) == 8  # the previous step's 8 new samples taught, 8 new
     assert len(namespace["batch"]["sample_ids"]) == 16 and namespace["loss"].requires_grad
