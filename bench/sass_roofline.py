@@ -325,9 +325,10 @@ def disassemble(cubin: bytes, arch: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # What is compiled
 
-# Our kernel's four `for` statements in source order (triton_kernel._dynsdpb_row_kernel); the normaliser
-# pass runs only for a ring's teacher rows without a usable stored log-normaliser (TEACHER_LOG_NORM).
-OUR_LOOPS = ("pre-pass", "normaliser pass", "pass 1", "pass 2")
+# Our kernel's five `for` statements in source order (triton_kernel._dynsdpb_row_kernel); the normaliser
+# pass runs only for a ring's teacher rows without a usable stored log-normaliser (TEACHER_LOG_NORM), the
+# record pass only for a top-k record's row with an "open" lane (RECORD_TOPK).
+OUR_LOOPS = ("pre-pass", "normaliser pass", "pass 1", "record pass", "pass 2")
 # Liger's: the zero fill of an ignored row (not on a counted row's path), its two passes.
 LIGER_LOOPS = ("ignored row", "pass 1", "pass 2")
 
@@ -362,6 +363,12 @@ CASES = (
          Specialization(BF16, "dense", BF16), ("pre-pass", "pass 1", "pass 2"), 3),
     Case("topk-ring-step", "DynSDPBLoss top-k ring step: k=64 bf16 teachers with tail, stats record, dynamic",
          Specialization(BF16, "topk", BF16, True, True, "stats"), ("pass 1", "pass 2"), 2),
+    # the top-k ring step as the Triton kernel runs it since it records top-k itself (RECORD_TOPK): pass 1
+    # keeps each lane's three best, pass 2 sums the recorded row at tau_rec; the further passes for "open"
+    # lanes (about 1 row in 100) are not on the counted path
+    Case("topk-record-ring-step", "DynSDPBLoss top-k ring step recording top-k in the kernel: k=64 bf16 teachers "
+         "with tail, top-k record (k=64, bf16), dynamic", Specialization(BF16, "topk", BF16, True, True, "topk"),
+         ("pass 1", "pass 2"), 2, fallback_loops=("record pass",)),
     Case("liger-ce", "Liger-Kernel cross-entropy (calibration), forward+backward in place", None,
          ("pass 1", "pass 2"), 2),
 )

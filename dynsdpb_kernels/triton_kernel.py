@@ -318,13 +318,9 @@ def _top3_step(k1, i1, k2, i2, k3, i3, key, col):
 
 
 @triton.jit
-def _merge_top(top, k1, i1, k2, i2, k3, i3, K_BLOCK: tl.constexpr):
-    """The K_BLOCK largest ranks of `top` (K_BLOCK ranks) and of the lanes' three candidates, descending."""
-    empty = tl.full(k1.shape, KEY_EMPTY, tl.int32)
-    both = tl.join(tl.join(_rank(k1, i1), _rank(k2, i2)), tl.join(_rank(k3, i3), _rank(empty, empty * 0 + INDEX_EMPTY)))
-    lanes_top = tl.topk(tl.reshape(both, [4 * k1.shape[0]]), K_BLOCK)
-    return tl.topk(tl.reshape(tl.join(top, lanes_top), [2 * K_BLOCK]), K_BLOCK)
-
+def _merge_ranks(top, ranks, K_BLOCK: tl.constexpr):
+    """The K_BLOCK largest of `top` (K_BLOCK ranks, descending) and of the block `ranks`, descending."""
+    return tl.topk(tl.reshape(tl.join(top, tl.topk(ranks, K_BLOCK)), [2 * K_BLOCK]), K_BLOCK)
 
 @triton.jit
 def _dynsdpb_row_kernel(
@@ -491,32 +487,6 @@ def _dynsdpb_row_kernel(
     # Across lanes, once per row.
     zm1, zm2, zs_rest, zent = _combine_row_stats(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes)
 
-    # RECORD_TOPK: the recorded row's k best (value descending, ties to the lower id), exactly. The k best
-    # ranks (_rank) among the lanes' three candidates are the row's k best unless some lane had all three
-    # of its candidates among them (it may hold more): such a lane is "open", and a further pass collects
-    # the next three of each open lane (elements ranked below its third), merged in, until none is open
-    # (terminates: each pass lowers every open lane's floor; a random row of V = 128256, k = 64 has an
-    # open lane in about 1 of 100 rows). Before pass 2, which may overwrite the logits with the gradient.
-    record_lane = tl.arange(0, RECORD_K_BLOCK)
-    record_ranks = tl.full([RECORD_K_BLOCK], -9223372036854775808, tl.int64)
-    if RECORD_TOPK:
-        if record_slot >= 0:
-            record_ranks = _merge_top(record_ranks, rk1, ri1, rk2, ri2, rk3, ri3, RECORD_K_BLOCK)
-            kth = tl.min(tl.where(record_lane < RECORD_K, record_ranks, 9223372036854775807), axis=0)
-            lane_open = (rk3 != KEY_EMPTY) & (_rank(rk3, ri3) >= kth)
-            while tl.max(lane_open.to(tl.int32), axis=0) > 0:
-                floor_rank = tl.where(lane_open, _rank(rk3, ri3), -9223372036854775808)
-                rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
-                for start in range(0, V, BLOCK_V):
-                    cols = start + lane
-                    mask = cols < V
-                    z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
-                    key = _order_key(z)
-                    key = tl.where(mask & (_rank(key, cols) < floor_rank), key, KEY_EMPTY)
-                    rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
-                record_ranks = _merge_top(record_ranks, rk1, ri1, rk2, ri2, rk3, ri3, RECORD_K_BLOCK)
-                kth = tl.min(tl.where(record_lane < RECORD_K, record_ranks, 9223372036854775807), axis=0)
-                lane_open = (rk3 != KEY_EMPTY) & (_rank(rk3, ri3) >= kth)
     zs_tau = _combine_sum(zm_lanes, zs_tau_lanes, zm1, tau_scale)
     if TEACHER_TOPK or TEACHER_LOG_NORM:
         pass  # tm1 and log2_ts_tau: from the k values below, or set before pass 1
@@ -535,6 +505,39 @@ def _dynsdpb_row_kernel(
         alpha_r = alpha * (1.0 - t_uncertainty)
     else:
         alpha_r = alpha + 0.0 * t_uncertainty
+
+    # RECORD_TOPK: the recorded row's k best (value descending, ties to the lower id), exactly. The k best
+    # ranks (_rank) among the lanes' three candidates are the row's k best unless some lane had all three
+    # of its candidates among them (it may hold more): such a lane is "open", and a further pass collects
+    # the next three of each open lane (elements ranked below its third), merged in, until none is open
+    # (terminates: each pass lowers every open lane's floor; a random row of V = 128256, k = 64 has an
+    # open lane in about 1 of 100 rows). Before pass 2, which may overwrite the logits with the gradient, and after the other lanes'
+    # states are combined (fewer live registers).
+    record_lane = tl.arange(0, RECORD_K_BLOCK)
+    record_ranks = tl.full([RECORD_K_BLOCK], -9223372036854775808, tl.int64)
+    if RECORD_TOPK:
+        if record_slot >= 0:
+            lane_open = lane >= 0  # the first round merges pass 1's candidates of every lane
+            record_round = 0
+            while tl.max(lane_open.to(tl.int32), axis=0) > 0:
+                if record_round > 0:  # the record pass: each open lane's next three, below its third
+                    floor_rank = tl.where(lane_open, _rank(rk3, ri3), -9223372036854775808)
+                    rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
+                    for start in range(0, V, BLOCK_V):
+                        cols = start + lane
+                        mask = cols < V
+                        z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
+                        key = _order_key(z)
+                        key = tl.where(mask & (_rank(key, cols) < floor_rank), key, KEY_EMPTY)
+                        rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
+                candidate = 0  # one candidate block at a time, through one copy of the selection network
+                while candidate < 3:
+                    ranks = tl.where(candidate == 0, _rank(rk1, ri1), tl.where(candidate == 1, _rank(rk2, ri2), _rank(rk3, ri3)))
+                    record_ranks = _merge_ranks(record_ranks, ranks, RECORD_K_BLOCK)
+                    candidate += 1
+                kth = tl.min(tl.where(record_lane < RECORD_K, record_ranks, 9223372036854775807), axis=0)
+                lane_open = (rk3 != KEY_EMPTY) & (_rank(rk3, ri3) >= kth)
+                record_round += 1
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
@@ -783,9 +786,9 @@ def triton_fused_rows(
     blocks = block_config(vocab_size, block_v)
     record_topk = record.topk if record is not None else None
     record_k = record_topk.values.shape[1] if record_topk is not None else 1
-    if record_topk is not None and not 1 <= record_k <= 4 * blocks.block_v:
+    if record_topk is not None and not 1 <= record_k <= blocks.block_v:
         raise ValueError(
-            f"record.topk: the Triton kernel records 1 to {4 * blocks.block_v} (4 x its block of "
+            f"record.topk: the Triton kernel records 1 to {blocks.block_v} (its block of "
             f"{blocks.block_v}) logits per row, got k = {record_k}"
         )
     # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
