@@ -202,10 +202,11 @@ def test_triton_records_topk_in_its_kernel(monkeypatch):
 @pytest.mark.parametrize("ring_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("softcap", [None, 6.0], ids=["plain", "softcap"])
 def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
-    """The Triton kernel's record over several vocabulary blocks (block_v = 16), where lanes hold many of
-    the k best (a row rising with the id, a row of 3 distinct values, random rows: its further passes for
-    "open" lanes), equals the C++ kernel's in ids and, bitwise without a softcap, in values (value descending, ties to the lower
-    id) and the float64 truth's tail."""
+    """The Triton kernel's record over several vocabulary blocks (block_v = 32), where lanes hold many of
+    the k best (a row rising with the id, a row of 3 distinct values, one lane holding 7 of them: the
+    kernel's record passes for "open" lanes), equals the C++ kernel's in ids (value descending, ties to
+    the lower id) and, bitwise without a softcap, in values, and its tail matches the float64 truth; a k
+    above the kernel's block is refused."""
     from dynsdpb_kernels.cpu_kernel import cpu_fused_rows
     from dynsdpb_kernels.triton_kernel import triton_fused_rows
 
@@ -214,6 +215,7 @@ def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
     logits = torch.randn(5, vocab) * 3
     logits[0] = torch.arange(vocab) * 0.01  # the k best all in the last blocks, several per lane
     logits[1] = torch.randint(0, 3, (vocab,)).float()  # ties everywhere
+    logits[4, ::32] += 20.0  # lane 0 holds 7 of the k best: two record passes after pass 1
     if softcap is None:  # (softcapping maps -inf to NaN, which validate reports)
         logits[2, 100:] = -math.inf  # -inf entries in every lane
         logits[3, 7:] = -math.inf  # 7 finite < k: the lowest-id -inf entries fill the record
@@ -221,7 +223,7 @@ def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
     config = DistillConfig(tau=TAU, dynamic=True, softcap=softcap)
     labels = torch.randint(0, vocab, (5,))
     records = []
-    for run in (lambda **kw: triton_fused_rows(block_v=16, **kw), cpu_fused_rows):
+    for run in (lambda **kw: triton_fused_rows(block_v=32, **kw), cpu_fused_rows):
         topk = TopkRecord(values=torch.full((5, k), 7.0, dtype=ring_dtype), support=torch.full((5, k), -5),
                           tail=torch.full((5,), 0.5))
         record = RowRecord(index=slots, ring_logits=None, stats=torch.zeros(5, 2), topk=topk)
@@ -238,3 +240,6 @@ def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
     assert torch.equal(triton_record.support, lowest_index_ties(logits, k, softcap))
     _, _, tail = truth_topk(logits, k, softcap)
     torch.testing.assert_close(triton_record.tail.double(), tail, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="record.topk"):  # k above the kernel's block: refused, nothing written
+        triton_fused_rows(logits=logits, labels=labels, teacher_rows=None, teacher_index=None, teacher_stats=None,
+                          config=config, grad_scale=torch.ones(2), compute_grad=True, record=record, block_v=16)
