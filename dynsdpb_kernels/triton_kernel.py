@@ -47,6 +47,7 @@ the ring step 2026-12-02; predictions from the machine code, not GPU timings):
       ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
+    the same recording top-k (k=64 bf16)   60.5  (      43.0  + 17.5)                  5.0   4+2 (4 minimal)
 
 MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
 stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
@@ -54,6 +55,18 @@ sum at tau_rec (the ring step: 2 + 4); no division in a loop (the per-row recipr
 ring step's normaliser pass (rows without a usable stored value) is not on the counted path.
 tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
 <= 64 / 6, teachers without stats <= 80 / 7.5).
+
+Top-k ring record (RECORD_TOPK, a RowRecord with topk): the recorded row's k largest logits (value
+descending, ties to the lower vocabulary id: the C++ kernel's order, bit for bit), their ids and the tail
+mass m = 1 - sum_topk softmax(z / tau_rec), selected in the kernel. Pass 1 keeps per lane its three best
+(an int32 order key of the float32 value and the id: _order_key, _top3_step; 3 compares and 8 selects or
+maxima per element, no cross-lane work); after the loop, once per row, the k best ranks (_rank: key, then
+id) of those 3 x BLOCK_V candidates are selected (tl.topk, one candidate block at a time). They are the
+row's k best unless a lane had all three of its candidates among them; then a record pass collects the
+next three of each such lane, merged in, until none is left (exact; for a random row of V = 128256 and
+k = 64, about 1 row in 100 takes one). Pass 2 sums 2^((z - zm1) tau_rec log2(e)) for m (one exponential per
+element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
+k is at most BLOCK_V (the launcher refuses more). Counted: 60.5 instructions and 5.0 MUFU per element.
 
 With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
