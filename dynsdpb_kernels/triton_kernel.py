@@ -64,8 +64,8 @@ maxima per element, no cross-lane work); after the loop, once per row, the k bes
 id) of those 3 x BLOCK_V candidates are selected (tl.topk, one candidate block at a time). They are the
 row's k best unless a lane had all three of its candidates among them; then a record pass collects the
 next three of each such lane, merged in, until none is left (exact; for a random row of V = 128256 and
-k = 64, about 1 row in 100 takes one). Pass 2 sums 2^((z - zm1) tau_rec log2(e)) for m (one exponential per
-element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
+k = 64, about 1 row in 100 takes one: C(64, 3) / 2048^2, an estimate by counting, not measured).
+Pass 2 sums 2^((z - zm1) log2(e) / tau_rec) for m (one exponential per element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
 k is at most BLOCK_V (the launcher refuses more). Counted: 60.5 instructions and 5.0 MUFU per element.
 
 With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
@@ -524,7 +524,7 @@ def _dynsdpb_row_kernel(
     # of its candidates among them (it may hold more): such a lane is "open", and a further pass collects
     # the next three of each open lane (elements ranked below its third), merged in, until none is open
     # (terminates: each pass lowers every open lane's floor; a random row of V = 128256, k = 64 has an
-    # open lane in about 1 of 100 rows). Before pass 2, which may overwrite the logits with the gradient, and after the other lanes'
+    # open lane in about 1 of 100 rows, by counting). Before pass 2, which may overwrite the logits with the gradient, and after the other lanes'
     # states are combined (fewer live registers).
     record_lane = tl.arange(0, RECORD_K_BLOCK)
     record_ranks = tl.full([RECORD_K_BLOCK], -9223372036854775808, tl.int64)
