@@ -47,7 +47,7 @@ the ring step 2026-12-02; predictions from the machine code, not GPU timings):
       ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
-    the same recording top-k (k=64 bf16)   60.5  (      43.0  + 17.5)                  5.0   4+2 (4 minimal)
+    the same recording top-k (k=64 bf16)   58.75 (      41.25 + 17.5)                  5.0   4+2 (4 minimal)
 
 MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
 stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
@@ -66,7 +66,7 @@ row's k best unless a lane had all three of its candidates among them; then a re
 next three of each such lane, merged in, until none is left (exact; for a random row of V = 128256 and
 k = 64, about 1 row in 100 takes one: C(64, 3) / 2048^2, an estimate by counting, not measured).
 Pass 2 sums 2^((z - zm1) log2(e) / tau_rec) for m (one exponential per element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
-k is at most BLOCK_V (the launcher refuses more). Counted: 60.5 instructions and 5.0 MUFU per element.
+k is at most BLOCK_V (the launcher refuses more). Counted: 58.75 instructions and 5.0 MUFU per element.
 
 With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
