@@ -368,15 +368,21 @@ def batch_tensors(examples: list[Example], ids: list[int], features: torch.Tenso
     padded to the batch's longest example and most targets (labels ignore_index there)."""
     chosen = [examples[i] for i in ids]
     length = max(len(e.input_ids) for e in chosen)
-    k = max(len(e.target_positions) for e in chosen)
     mask = torch.zeros(len(ids), length, dtype=torch.long)
-    positions = torch.zeros(len(ids), k, dtype=torch.long)
-    labels = torch.full((len(ids), k), IGNORE_INDEX)
     for row, e in enumerate(chosen):
         mask[row, : len(e.input_ids)] = 1
+    return features[ids, :length], mask, *target_tensors(chosen)
+
+
+def target_tensors(chosen: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target positions (B, K), labels (B, K)) of `chosen`, padded to the most targets (labels ignore_index there)."""
+    k = max(len(e.target_positions) for e in chosen)
+    positions = torch.zeros(len(chosen), k, dtype=torch.long)
+    labels = torch.full((len(chosen), k), IGNORE_INDEX)
+    for row, e in enumerate(chosen):
         positions[row, : len(e.target_positions)] = e.target_positions
         labels[row, : len(e.target_tokens)] = e.target_tokens
-    return features[ids, :length], mask, positions, labels
+    return positions, labels
 
 
 @torch.no_grad()
@@ -479,7 +485,9 @@ def train_run(task: str, arm: str, seed: int, top: TopModel, initial: dict, data
         feats, mask, positions, labels = batch_tensors(train, ids, train_features)
         logits = top(feats, mask, positions)
         loss = arm_loss(arm, loss_fn, logits, labels, ids)
-        if loss_fn is None:
+        if loss_fn is None and not ARMS[arm].label_smoothing:
+            ce = float(loss.detach())  # the loss is the CE
+        elif loss_fn is None:  # label-smoothed: the plain CE of the same logits, for the training curve
             ce = float(F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX))
         else:
             stats = loss_fn.last_stats
@@ -543,12 +551,7 @@ def time_full_model(loaded, task: str, train: list[Example], arms: tuple[str, ..
                 started = time.perf_counter()
                 chosen = [train[i] for i in ids]
                 input_ids, attention = _pad_ids(chosen, loaded.pad_id)
-                k = max(len(e.target_positions) for e in chosen)
-                positions = torch.zeros(len(ids), k, dtype=torch.long)
-                labels = torch.full((len(ids), k), IGNORE_INDEX)
-                for row, e in enumerate(chosen):
-                    positions[row, : len(e.target_positions)] = e.target_positions
-                    labels[row, : len(e.target_tokens)] = e.target_tokens
+                positions, labels = target_tensors(chosen)
                 hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
                 picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
                 loss = arm_loss(arm, loss_fn, picked @ head.T, labels, ids)
