@@ -52,12 +52,11 @@ def dlb_calls(loss_fn, calls) -> float:
 
 
 def next_step_teacher_bytes(loss_fn, rows: int) -> int:
-    """Bytes of `rows` teacher rows in the ring's format: dense V values, or k values + k int64 ids + the tail
-    (float32), plus the row's float32 statistics ((u, d), ...)."""
+    """Bytes of `rows` teacher rows in the ring's own format: one row of each of its row-indexed tensors
+    (values, top-k ids and tail, float32 statistics), read off the allocated ring."""
     ring = loss_fn.ring
-    value_bytes = torch.empty((), dtype=ring.dtype).element_size()
-    per_row = ring.vocab_size * value_bytes if ring.storage == "dense" else ring.topk * (value_bytes + 8) + 4
-    return rows * (per_row + 4 * ring.stats.shape[1])
+    per_row = sum(t[0].numel() * t.element_size() for t in (ring.logits, ring.support, ring.tail, ring.stats) if t is not None)
+    return rows * per_row
 
 
 def run_ring_bench(vocab_sizes: list[int], dtypes: list[str], device: str, repeats: int, samples: int = 8, tokens: int = 256) -> list[dict]:
