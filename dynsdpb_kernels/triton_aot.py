@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import N_STATS, N_STATS_WITH_LOG_NORM, DistillConfig, RowRecord
+from .contract import N_STATS, N_STATS_WITH_LOG_NORM, DistillConfig, RowRecord, TopkRecord
 
 # A large vocabulary (Llama 3's): the launcher's choice of BLOCK_V and warps for it is the one compiled.
 LARGE_VOCAB = 128256
@@ -50,7 +50,7 @@ TOPK_K = 64
 FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 RING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-RECORDS = ("none", "rows", "stats")
+RECORDS = ("none", "rows", "stats", "topk")
 # The softcap of softcapped specializations (Gemma 2's final_logit_softcapping); a runtime argument, so any
 # value compiles to the same kernel.
 SOFTCAP_EXAMPLE = 30.0
@@ -64,7 +64,8 @@ class Specialization:
     teacher_stats: statistics given; log_norm: of four columns, (u, d, tau_rec, log_norm), as a dense ring
         passes them (TEACHER_LOG_NORM), else (u, d).
     record: "none", "rows" (rows and (u, d, tau_rec, log_norm) into a dense ring of ring_dtype, as the ring
-        records) or "stats" ((u, d) only, a top-k ring's).
+        records), "stats" ((u, d) only) or "topk" ((u, d) and the k = TOPK_K largest logits in ring_dtype,
+        their ids and tail mass: a top-k ring's record, selected by the kernel, RECORD_TOPK).
     """
 
     logits_dtype: torch.dtype
@@ -89,7 +90,7 @@ class Specialization:
         else:
             parts.append("no-teacher")
         if self.record != "none":
-            ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record == "rows" else ""
+            ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record in ("rows", "topk") else ""
             parts.append(f"record-{self.record}{ring}")
         parts.append(DYNAMIC_NAMES[self.dynamic])
         parts.append("grad" if self.compute_grad else "forward")
@@ -136,7 +137,7 @@ def factor_values(spec: Specialization) -> dict:
                 if all(getattr(spec, key) == value for key, value in fields.items())
                 and spec.teacher_stats == fields.get("teacher_stats", False) and spec.tail == fields.get("tail", False)
                 and spec.log_norm == fields.get("log_norm", False))
-    uses_dtype = spec.teacher != "none" or spec.record == "rows"
+    uses_dtype = spec.teacher != "none" or spec.record in ("rows", "topk")
     return {"side": side, "record": spec.record, "dynamic": spec.dynamic, "compute_grad": spec.compute_grad,
             "logits_dtype": spec.logits_dtype, "teacher_dtype": spec.teacher_dtype if uses_dtype else None}
 
@@ -239,7 +240,11 @@ def example_launch(spec: Specialization, block_v: int | None = None, inplace_gra
     if spec.record != "none":
         ring_rows = torch.zeros(n_teachers, vocab_size, dtype=spec.ring_dtype) if spec.record == "rows" else None
         stats_width = N_STATS_WITH_LOG_NORM if spec.record == "rows" else N_STATS  # what a dense / top-k ring records
-        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, stats_width, dtype=torch.float32))
+        topk = None
+        if spec.record == "topk":
+            topk = TopkRecord(torch.zeros(n_teachers, TOPK_K, dtype=spec.ring_dtype),
+                              torch.zeros(n_teachers, TOPK_K, dtype=torch.int64), torch.zeros(n_teachers, dtype=torch.float32))
+        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, stats_width, dtype=torch.float32), topk)
     launches = []
     triton_fused_rows(
         logits, labels, teacher_rows, teacher_index, teacher_stats,
