@@ -372,11 +372,9 @@ CASES = (
          fallback_loops=("normaliser pass",)),
     Case("teachers-no-stats", "dynsdpb_loss(z, y, t): dense teachers without stats, dynamic (pre-pass + 2)",
          Specialization(BF16, "dense", BF16), ("pre-pass", "pass 1", "pass 2"), 3),
-    Case("topk-ring-step", "DynSDPBLoss top-k ring step: k=64 bf16 teachers with tail, stats record, dynamic",
-         Specialization(BF16, "topk", BF16, True, True, "stats"), ("pass 1", "pass 2"), 2),
-    # the top-k ring step as the Triton kernel runs it since it records top-k itself (RECORD_TOPK): pass 1
-    # keeps each lane's three best, pass 2 sums the recorded row at tau_rec; the further passes for "open"
-    # lanes (about 1 row in 100) are not on the counted path
+    # the top-k ring step as the Triton kernel runs it (it records top-k itself, RECORD_TOPK): pass 1 keeps
+    # each lane's three best, pass 2 sums the recorded row at tau_rec; the further passes for "open" lanes
+    # (about 1 row in 100) are not on the counted path
     Case("topk-record-ring-step", "DynSDPBLoss top-k ring step recording top-k in the kernel: k=64 bf16 teachers "
          "with tail, top-k record (k=64, bf16), dynamic", Specialization(BF16, "topk", BF16, True, True, "topk"),
          ("pass 1", "pass 2"), 2, fallback_loops=("record pass",)),

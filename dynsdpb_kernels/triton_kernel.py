@@ -545,7 +545,9 @@ def _dynsdpb_row_kernel(
                         rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
                 candidate = 0  # one candidate block at a time, through one copy of the selection network
                 while candidate < 3:
-                    ranks = tl.where(candidate == 0, _rank(rk1, ri1), tl.where(candidate == 1, _rank(rk2, ri2), _rank(rk3, ri3)))
+                    # the candidate's 32-bit key and id selected first: one int64 rank live, not three
+                    key = tl.where(candidate == 0, rk1, tl.where(candidate == 1, rk2, rk3))
+                    ranks = _rank(key, tl.where(candidate == 0, ri1, tl.where(candidate == 1, ri2, ri3)))
                     record_ranks = _merge_ranks(record_ranks, ranks, RECORD_K_BLOCK)
                     candidate += 1
                 kth = tl.min(tl.where(record_lane < RECORD_K, record_ranks, 9223372036854775807), axis=0)
