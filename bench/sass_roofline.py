@@ -40,6 +40,7 @@ imported when installed, compiled with its own launch's BLOCK_SIZE and Hopper's 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime
 import importlib.metadata
@@ -229,8 +230,8 @@ def while_lines(kernel) -> list[int]:
 
 def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tuple[str, ...],
                block: int | None = None, row_loop_lines: list[int] = ()) -> dict[str, Loop]:
-    """Name each loop by the one kernel `for` line its instructions carry (`names[k]` for lines[k]); a loop
-    with no such line or several (a loop that is not a vocabulary loop, or a changed kernel) raises.
+    """Name each loop by the kernel `for` line most of its instructions carry (`names[k]` for lines[k]); a
+    loop with no such line or two equally often (not a vocabulary loop, or a changed kernel) raises.
     A trivial self-loop of one instruction (nvdisasm's `BRA` to itself after EXIT) is skipped, and so is a loop
     carrying one of `row_loop_lines` (a per-row `while`: the top-k record's rounds, and what they hold).
     Several loops on one line are versions of it (LLVM's loop unswitching on a row-invariant flag such as
@@ -245,10 +246,13 @@ def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tup
         source_lines = {listing.instructions[i].source_line for i in loop.members}
         if source_lines & set(row_loop_lines):
             continue  # a per-row `while` loop (row_loop_lines), or one holding a vocabulary loop
-        carried = source_lines & set(lines)
-        if len(carried) != 1:
-            raise ValueError(f"loop at instruction {loop.header} carries for-lines {sorted(carried)}, not one of {lines}")
-        name = names[lines.index(carried.pop())]
+        # the for-line most of its instructions carry: ptxas may tag an instruction it shares between two
+        # loops (an address or induction term) with the other loop's line (seen on sm_80: 1 of 4)
+        carried = collections.Counter(listing.instructions[i].source_line for i in loop.members
+                                      if listing.instructions[i].source_line in lines).most_common()
+        if not carried or (len(carried) > 1 and carried[0][1] == carried[1][1]):
+            raise ValueError(f"loop at instruction {loop.header} carries for-lines {carried}, not mostly one of {lines}")
+        name = names[lines.index(carried[0][0])]
         named.setdefault(name, []).append(loop)
 
     def weight(loop: Loop) -> float:
