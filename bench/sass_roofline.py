@@ -40,6 +40,7 @@ imported when installed, compiled with its own launch's BLOCK_SIZE and Hopper's 
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import datetime
 import importlib.metadata
@@ -220,11 +221,19 @@ def for_lines(kernel) -> list[int]:
     return [first + offset for offset, line in enumerate(lines) if re.match(r"\s*for .* in (tl\.)?range\(", line)]
 
 
+def while_lines(kernel) -> list[int]:
+    """Source lines of the `while` statements of a @triton.jit function: per-row loops (the top-k record's
+    rounds and candidate blocks), not vocabulary loops."""
+    lines, first = inspect.getsourcelines(kernel.fn)
+    return [first + offset for offset, line in enumerate(lines) if re.match(r"\s*while ", line)]
+
+
 def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tuple[str, ...],
-               block: int | None = None) -> dict[str, Loop]:
-    """Name each loop by the one kernel `for` line its instructions carry (`names[k]` for lines[k]); a loop
-    with no such line or several (a loop that is not a vocabulary loop, or a changed kernel) raises.
-    A trivial self-loop of one instruction (nvdisasm's `BRA` to itself after EXIT) is skipped.
+               block: int | None = None, row_loop_lines: list[int] = ()) -> dict[str, Loop]:
+    """Name each loop by the kernel `for` line most of its instructions carry (`names[k]` for lines[k]); a
+    loop with no such line or two equally often (not a vocabulary loop, or a changed kernel) raises.
+    A trivial self-loop of one instruction (nvdisasm's `BRA` to itself after EXIT) is skipped, and so is a loop
+    carrying one of `row_loop_lines` (a per-row `while`: the top-k record's rounds, and what they hold).
     Several loops on one line are versions of it (LLVM's loop unswitching on a row-invariant flag such as
     `distilled`); the one named is the heaviest per source iteration (instructions / loop_unroll, with
     `block` given), the path of a distilled row that the counts are of."""
@@ -234,10 +243,16 @@ def name_loops(listing: Listing, loops: list[Loop], lines: list[int], names: tup
     for loop in loops:
         if len(loop.members) == 1:
             continue
-        carried = {listing.instructions[i].source_line for i in loop.members} & set(lines)
-        if len(carried) != 1:
-            raise ValueError(f"loop at instruction {loop.header} carries for-lines {sorted(carried)}, not one of {lines}")
-        name = names[lines.index(carried.pop())]
+        source_lines = {listing.instructions[i].source_line for i in loop.members}
+        if source_lines & set(row_loop_lines):
+            continue  # a per-row `while` loop (row_loop_lines), or one holding a vocabulary loop
+        # the for-line most of its instructions carry: ptxas may tag an instruction it shares between two
+        # loops (an address or induction term) with the other loop's line (seen on sm_80: 1 of 4)
+        carried = collections.Counter(listing.instructions[i].source_line for i in loop.members
+                                      if listing.instructions[i].source_line in lines).most_common()
+        if not carried or (len(carried) > 1 and carried[0][1] == carried[1][1]):
+            raise ValueError(f"loop at instruction {loop.header} carries for-lines {carried}, not mostly one of {lines}")
+        name = names[lines.index(carried[0][0])]
         named.setdefault(name, []).append(loop)
 
     def weight(loop: Loop) -> float:
@@ -325,9 +340,10 @@ def disassemble(cubin: bytes, arch: int) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # What is compiled
 
-# Our kernel's four `for` statements in source order (triton_kernel._dynsdpb_row_kernel); the normaliser
-# pass runs only for a ring's teacher rows without a usable stored log-normaliser (TEACHER_LOG_NORM).
-OUR_LOOPS = ("pre-pass", "normaliser pass", "pass 1", "pass 2")
+# Our kernel's five `for` statements in source order (triton_kernel._dynsdpb_row_kernel); the normaliser
+# pass runs only for a ring's teacher rows without a usable stored log-normaliser (TEACHER_LOG_NORM), the
+# record pass only for a top-k record's row with an "open" lane (RECORD_TOPK).
+OUR_LOOPS = ("pre-pass", "normaliser pass", "pass 1", "record pass", "pass 2")
 # Liger's: the zero fill of an ignored row (not on a counted row's path), its two passes.
 LIGER_LOOPS = ("ignored row", "pass 1", "pass 2")
 
@@ -360,8 +376,12 @@ CASES = (
          fallback_loops=("normaliser pass",)),
     Case("teachers-no-stats", "dynsdpb_loss(z, y, t): dense teachers without stats, dynamic (pre-pass + 2)",
          Specialization(BF16, "dense", BF16), ("pre-pass", "pass 1", "pass 2"), 3),
-    Case("topk-ring-step", "DynSDPBLoss top-k ring step: k=64 bf16 teachers with tail, stats record, dynamic",
-         Specialization(BF16, "topk", BF16, True, True, "stats"), ("pass 1", "pass 2"), 2),
+    # the top-k ring step as the Triton kernel runs it (it records top-k itself, RECORD_TOPK): pass 1 keeps
+    # each lane's three best, pass 2 sums the recorded row at tau_rec; the further passes for "open" lanes
+    # (about 1 row in 100) are not on the counted path
+    Case("topk-record-ring-step", "DynSDPBLoss top-k ring step recording top-k in the kernel: k=64 bf16 teachers "
+         "with tail, top-k record (k=64, bf16), dynamic", Specialization(BF16, "topk", BF16, True, True, "topk"),
+         ("pass 1", "pass 2"), 2, fallback_loops=("record pass",)),
     Case("liger-ce", "Liger-Kernel cross-entropy (calibration), forward+backward in place", None,
          ("pass 1", "pass 2"), 2),
 )
@@ -426,7 +446,7 @@ def analyse_sass(sass: str, kernel, names: tuple[str, ...], block: int | None = 
     the BLOCK of one source iteration, to pick among unswitched versions of a loop, name_loops)."""
     source_file = inspect.getsourcefile(kernel.fn)
     listing = parse_sass(sass, source_file)
-    return listing, name_loops(listing, natural_loops(listing), for_lines(kernel), names, block)
+    return listing, name_loops(listing, natural_loops(listing), for_lines(kernel), names, block, while_lines(kernel))
 
 
 # ---------------------------------------------------------------------------------------------------------

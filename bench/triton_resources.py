@@ -75,7 +75,7 @@ SPECS = [
     Specialization(torch.float32, "dense", torch.float32, dynamic=False),
     Specialization(torch.float32, "dense", torch.float32, True, record="rows", ring_dtype=torch.float32),
     Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows"),
-    Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats"),
+    Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "topk"),
     Specialization(torch.bfloat16),
     Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", vocab_size=triton_aot.ODD_VOCAB),
 ]

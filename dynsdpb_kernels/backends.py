@@ -22,9 +22,10 @@ from .contract import FusedRows
 
 BACKENDS = ("auto", "triton", "cpu", "reference")
 BACKEND_VARIABLE = "DYNSDPB_BACKEND"  # replaces backend="auto" when set
-# Backends whose kernel selects and writes a top-k ring record (RowRecord.topk) in its pass over the row;
-# for the others loss.write_topk_record fills it before the kernel runs.
-RECORDS_TOPK = frozenset({"cpu"})
+# Backends whose kernel selects and writes a top-k ring record (RowRecord.topk) in its pass over the row
+# (C++: a min-heap per thread; Triton: per-lane candidates, triton_kernel.py); for the others
+# loss.write_topk_record fills it before the kernel runs.
+RECORDS_TOPK = frozenset({"cpu", "triton"})
 
 RowKernel = Callable[..., FusedRows]
 

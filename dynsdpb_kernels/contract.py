@@ -40,8 +40,8 @@ row's logits, rounded to nearest-even into the ring's dtype, to record.ring_logi
 the row's (u, d) to record.stats[record.index[n]], while it streams the row for the loss anyway: no extra
 read of the logits and no extra launch. The caller guarantees that recorded slots are distinct and
 disjoint from every slot read through teacher_index in the same call (ring.py reserves them). A top-k
-ring's values, ids and tail mass (record.topk, a TopkRecord) are written by the C++ kernel in the same
-pass (it selects the row's k largest logits while it streams the row, value descending, ties to the lower
+ring's values, ids and tail mass (record.topk, a TopkRecord) are written by the C++ and Triton kernels in the same
+pass (each selects the row's k largest logits while it streams the row, value descending, ties to the lower
 index; the tail mass's sum at tau_rec rides in the gradient pass) and, for the backends outside
 backends.RECORDS_TOPK, by loss.write_topk_record before the kernel runs (torch.topk's order and ties), with
 no host synchronisation either way. tau_rec is the temperature the loss gives the row when it teaches:

@@ -13,7 +13,8 @@ per specialization).
 
 Specializations. The kernel's constexprs are fixed by what a call passes (triton_kernel.triton_fused_rows):
 teacher rows or none, their statistics, dynamic alpha/tau, the gradient, a ring record (rows in the
-ring's dtype, or the statistics only for a top-k ring), top-k teachers with or without a tail; the
+ring's dtype; for a top-k ring the row's k largest logits, ids and tail mass, selected by the kernel; or
+the statistics only), top-k teachers with or without a tail; the
 pointer types by the logits' and teachers' dtypes; softcapping (SOFTCAP) in a few launches
 (softcap_specializations). Who launches what:
   dynsdpb_loss / fused_linear_dynsdpb_loss: no teacher, or dense teachers without statistics, no record
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import N_STATS, N_STATS_WITH_LOG_NORM, DistillConfig, RowRecord
+from .contract import N_STATS, N_STATS_WITH_LOG_NORM, DistillConfig, RowRecord, TopkRecord
 
 # A large vocabulary (Llama 3's): the launcher's choice of BLOCK_V and warps for it is the one compiled.
 LARGE_VOCAB = 128256
@@ -50,6 +51,9 @@ TOPK_K = 64
 FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 RING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The record factor of the flag product and the pairwise cover. "topk" (the kernel selects a top-k ring's record)
+# compiles in 20-30 s a specialization here, so it is compiled in topk_record_specializations' few launches
+# (those a top-k ring makes) rather than crossed with every other factor.
 RECORDS = ("none", "rows", "stats")
 # The softcap of softcapped specializations (Gemma 2's final_logit_softcapping); a runtime argument, so any
 # value compiles to the same kernel.
@@ -64,7 +68,8 @@ class Specialization:
     teacher_stats: statistics given; log_norm: of four columns, (u, d, tau_rec, log_norm), as a dense ring
         passes them (TEACHER_LOG_NORM), else (u, d).
     record: "none", "rows" (rows and (u, d, tau_rec, log_norm) into a dense ring of ring_dtype, as the ring
-        records) or "stats" ((u, d) only, a top-k ring's).
+        records), "stats" ((u, d) only) or "topk" ((u, d) and the k = TOPK_K largest logits in ring_dtype,
+        their ids and tail mass: a top-k ring's record, selected by the kernel, RECORD_TOPK).
     """
 
     logits_dtype: torch.dtype
@@ -89,7 +94,7 @@ class Specialization:
         else:
             parts.append("no-teacher")
         if self.record != "none":
-            ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record == "rows" else ""
+            ring = f"-{FLOAT_NAMES[self.ring_dtype]}" if self.record in ("rows", "topk") else ""
             parts.append(f"record-{self.record}{ring}")
         parts.append(DYNAMIC_NAMES[self.dynamic])
         parts.append("grad" if self.compute_grad else "forward")
@@ -136,7 +141,7 @@ def factor_values(spec: Specialization) -> dict:
                 if all(getattr(spec, key) == value for key, value in fields.items())
                 and spec.teacher_stats == fields.get("teacher_stats", False) and spec.tail == fields.get("tail", False)
                 and spec.log_norm == fields.get("log_norm", False))
-    uses_dtype = spec.teacher != "none" or spec.record == "rows"
+    uses_dtype = spec.teacher != "none" or spec.record in ("rows", "topk")
     return {"side": side, "record": spec.record, "dynamic": spec.dynamic, "compute_grad": spec.compute_grad,
             "logits_dtype": spec.logits_dtype, "teacher_dtype": spec.teacher_dtype if uses_dtype else None}
 
@@ -175,7 +180,7 @@ def odd_vocab_specializations() -> list[Specialization]:
     """The heaviest variants at a vocabulary that is not a multiple of 16 (no alignment attributes)."""
     return [
         Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", vocab_size=ODD_VOCAB),
-        Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", vocab_size=ODD_VOCAB),
+        Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "topk", vocab_size=ODD_VOCAB),
         Specialization(torch.float32, "dense", torch.float32, vocab_size=ODD_VOCAB),
     ]
 
@@ -190,7 +195,21 @@ def gpu_check_specializations() -> list[Specialization]:
     ] + [
         Specialization(dtype, "dense", torch.bfloat16, True, record="rows", log_norm=True) for dtype in (torch.float32, torch.bfloat16)
     ] + [
-        Specialization(dtype, "topk", torch.bfloat16, True, True, "stats") for dtype in (torch.float32, torch.bfloat16)
+        Specialization(dtype, "topk", torch.bfloat16, True, True, "topk") for dtype in (torch.float32, torch.bfloat16)
+    ]
+
+
+def topk_record_specializations() -> list[Specialization]:
+    """The other launches of a top-k ring on Triton, whose kernel selects the record (record "topk", sm_90
+    only): the first call (no teacher yet) and the dynamic modes other than True, at bfloat16, and the
+    forward-only step (a ring filled under torch.no_grad). gpu_check_specializations, the unaligned
+    vocabulary and the softcapped launches hold the DLB step itself on both targets."""
+    bf16 = torch.bfloat16
+    return [
+        Specialization(bf16, "none", record="topk", ring_dtype=bf16),
+        Specialization(bf16, "topk", bf16, True, True, "topk", dynamic=False),
+        Specialization(bf16, "topk", bf16, True, True, "topk", dynamic="alpha"),
+        Specialization(bf16, "topk", bf16, True, True, "topk", dynamic="tau", compute_grad=False),
     ]
 
 
@@ -200,7 +219,7 @@ def softcap_specializations() -> list[Specialization]:
     head's chunks (no teacher, float32 logits), and dense teachers without statistics (dynsdpb_loss)."""
     return [
         Specialization(torch.bfloat16, "dense", torch.bfloat16, True, record="rows", softcap=True, log_norm=True),
-        Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "stats", softcap=True),
+        Specialization(torch.bfloat16, "topk", torch.bfloat16, True, True, "topk", softcap=True),
         Specialization(torch.float32, "none", record="rows", ring_dtype=torch.bfloat16, softcap=True),
         Specialization(torch.bfloat16, "dense", torch.bfloat16, softcap=True),
     ]
@@ -210,7 +229,7 @@ def compile_check_set(arch: int) -> list[Specialization]:
     """What tests/test_gpu_compile.py compiles for `arch`: for sm_90 (H100/H200) every flag combination at
     bfloat16, plus (both targets) the pairwise cover of flags and dtypes, the unaligned vocabulary, the
     softcapped launches and what bench/gpu_check.py launches."""
-    specs = flag_product() if arch == 90 else []
+    specs = flag_product() + topk_record_specializations() if arch == 90 else []
     specs += pairwise_cover() + odd_vocab_specializations() + softcap_specializations() + gpu_check_specializations()
     return list({spec.name: spec for spec in specs}.values())
 
@@ -239,7 +258,11 @@ def example_launch(spec: Specialization, block_v: int | None = None, inplace_gra
     if spec.record != "none":
         ring_rows = torch.zeros(n_teachers, vocab_size, dtype=spec.ring_dtype) if spec.record == "rows" else None
         stats_width = N_STATS_WITH_LOG_NORM if spec.record == "rows" else N_STATS  # what a dense / top-k ring records
-        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, stats_width, dtype=torch.float32))
+        topk = None
+        if spec.record == "topk":
+            topk = TopkRecord(torch.zeros(n_teachers, TOPK_K, dtype=spec.ring_dtype),
+                              torch.zeros(n_teachers, TOPK_K, dtype=torch.int64), torch.zeros(n_teachers, dtype=torch.float32))
+        record = RowRecord(torch.arange(n_rows, 2 * n_rows), ring_rows, torch.zeros(n_teachers, stats_width, dtype=torch.float32), topk)
     launches = []
     triton_fused_rows(
         logits, labels, teacher_rows, teacher_index, teacher_stats,

@@ -47,6 +47,7 @@ the ring step 2026-12-02; predictions from the machine code, not GPU timings):
       ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
+    the same recording top-k (k=64 bf16)   58.75 (      41.25 + 17.5)                  5.0   4+2 (4 minimal)
 
 MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
 stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
@@ -54,6 +55,18 @@ sum at tau_rec (the ring step: 2 + 4); no division in a loop (the per-row recipr
 ring step's normaliser pass (rows without a usable stored value) is not on the counted path.
 tests/test_roofline_budget.py fails when a loop exceeds issue 19's budgets (plain CE <= 32 / 2.1, ring step
 <= 64 / 6, teachers without stats <= 80 / 7.5).
+
+Top-k ring record (RECORD_TOPK, a RowRecord with topk): the recorded row's k largest logits (value
+descending, ties to the lower vocabulary id: the C++ kernel's order, bit for bit), their ids and the tail
+mass m = 1 - sum_topk softmax(z / tau_rec), selected in the kernel. Pass 1 keeps per lane its three best
+(an int32 order key of the float32 value and the id: _order_key, _top3_step; 3 compares and 8 selects or
+maxima per element, no cross-lane work); after the loop, once per row, the k best ranks (_rank: key, then
+id) of those 3 x BLOCK_V candidates are selected (tl.topk, one candidate block at a time). They are the
+row's k best unless a lane had all three of its candidates among them; then a record pass collects the
+next three of each such lane, merged in, until none is left (exact; for a random row of V = 128256 and
+k = 64, about 1 row in 100 takes one: C(64, 3) / 2048^2, an estimate by counting, not measured).
+Pass 2 sums 2^((z - zm1) log2(e) / tau_rec) for m (one exponential per element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
+k is at most BLOCK_V (the launcher refuses more). Counted: 58.75 instructions and 5.0 MUFU per element.
 
 With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
@@ -84,6 +97,7 @@ from .contract import (
 
 # Q's mass off a top-k teacher's support is taken as at least this (contract.py).
 TAIL_FLOOR = tl.constexpr(1e-6)
+TAIL_CEILING = tl.constexpr(1.0 - 1e-6)  # a recorded top-k row's tail mass is clamped to [0, TAIL_CEILING]
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)
 # What masked lanes load and lane maxima start from (_lane_floor): below any logit, finite in the dtype.
@@ -273,6 +287,54 @@ def _clamp_unit(x):
     return tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
 
 
+# Top-k ring record (RECORD_TOPK): an element's order key, int32, ordered like its float32 value; masked
+# lanes and empty candidate slots hold KEY_EMPTY, below every value's key (-inf's is 0x807FFFFF).
+KEY_EMPTY = tl.constexpr(-2147483648)
+INDEX_EMPTY = tl.constexpr(2147483647)  # an empty slot's vocabulary id: its rank word 0x7FFFFFFF - id is 0
+
+
+@triton.jit
+def _order_key(x):
+    """int32 key of float32 x with x < y <=> key(x) < key(y) and equal values equal keys (-0 is taken as +0):
+    the sign-magnitude bits with the magnitude flipped for negatives. A NaN gets a key (unspecified order)."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _key_value(key):
+    """The float32 value of an _order_key (its inverse)."""
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rank(key, index):
+    """int64 rank of (value key, vocabulary id): larger ranks first means value descending, then id
+    ascending (the C++ kernel's order: ties to the lower index); an empty slot has the smallest rank."""
+    return (key.to(tl.int64) << 32) | (index * -1 + INDEX_EMPTY).to(tl.int64)
+
+
+@triton.jit
+def _top3_step(k1, i1, k2, i2, k3, i3, key, col):
+    """Fold one element per lane (order key `key`, id `col`) into the lane's three best (k1 >= k2 >= k3).
+    Ids arrive in increasing order per lane, so a strict compare keeps the lower id among equal values."""
+    above1 = key > k1
+    above2 = key > k2
+    above3 = key > k3
+    k3 = tl.where(above2, k2, tl.maximum(k3, key))
+    i3 = tl.where(above2, i2, tl.where(above3, col, i3))
+    k2 = tl.where(above1, k1, tl.maximum(k2, key))
+    i2 = tl.where(above1, i1, tl.where(above2, col, i2))
+    k1 = tl.maximum(k1, key)
+    i1 = tl.where(above1, col, i1)
+    return k1, i1, k2, i2, k3, i3
+
+
+@triton.jit
+def _merge_ranks(top, ranks, K_BLOCK: tl.constexpr):
+    """The K_BLOCK largest of `top` (K_BLOCK ranks, descending) and of the block `ranks`, descending."""
+    return tl.topk(tl.reshape(tl.join(top, tl.topk(ranks, K_BLOCK)), [2 * K_BLOCK]), K_BLOCK)
+
 @triton.jit
 def _dynsdpb_row_kernel(
     logits_ptr,
@@ -296,7 +358,13 @@ def _dynsdpb_row_kernel(
     support_ptr,
     support_row_stride,
     tail_ptr,
+    record_values_ptr,
+    record_values_row_stride,
+    record_support_ptr,
+    record_support_row_stride,
+    record_tail_ptr,
     K,
+    RECORD_K,
     V,
     ignore_index,
     alpha,
@@ -316,6 +384,8 @@ def _dynsdpb_row_kernel(
     HAS_TAIL: tl.constexpr,
     SOFTCAP: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    RECORD_TOPK: tl.constexpr,
+    RECORD_K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
 ):
@@ -395,6 +465,10 @@ def _dynsdpb_row_kernel(
     # maximum and sum at tau_r (its maximum already known after a pre-pass), and its temperature-1 state
     # when its statistics are still unknown. A recorded row is copied into the ring here.
     zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, zs_tau_lanes = z_floor, z_floor, zeros, zeros, zeros
+    # RECORD_TOPK: each lane's three best (order key, id) of the recorded row (_top3_step)
+    key_empty = tl.full([BLOCK_V], KEY_EMPTY, tl.int32)
+    index_empty = tl.full([BLOCK_V], INDEX_EMPTY, tl.int32)
+    rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
     tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, ts_tau_lanes = t_floor, t_floor, zeros, zeros, zeros
     for start in range(0, V, BLOCK_V):
         cols = start + lane
@@ -407,6 +481,10 @@ def _dynsdpb_row_kernel(
                 else:
                     tl.store(ring_row + cols, _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=mask)
         zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, grew, delta = _lane_step(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, z)
+        if RECORD_TOPK:
+            if record_slot >= 0:
+                key = tl.where(mask, _order_key(z), KEY_EMPTY)
+                rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
         if distilled:
             zs_tau_lanes = _tempered_step(zs_tau_lanes, grew, delta, tau_scale)
             if not TEACHER_TOPK and not TEACHER_LOG_NORM:
@@ -421,6 +499,7 @@ def _dynsdpb_row_kernel(
 
     # Across lanes, once per row.
     zm1, zm2, zs_rest, zent = _combine_row_stats(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes)
+
     zs_tau = _combine_sum(zm_lanes, zs_tau_lanes, zm1, tau_scale)
     if TEACHER_TOPK or TEACHER_LOG_NORM:
         pass  # tm1 and log2_ts_tau: from the k values below, or set before pass 1
@@ -439,6 +518,41 @@ def _dynsdpb_row_kernel(
         alpha_r = alpha * (1.0 - t_uncertainty)
     else:
         alpha_r = alpha + 0.0 * t_uncertainty
+
+    # RECORD_TOPK: the recorded row's k best (value descending, ties to the lower id), exactly. The k best
+    # ranks (_rank) among the lanes' three candidates are the row's k best unless some lane had all three
+    # of its candidates among them (it may hold more): such a lane is "open", and a further pass collects
+    # the next three of each open lane (elements ranked below its third), merged in, until none is open
+    # (terminates: each pass lowers every open lane's floor; a random row of V = 128256, k = 64 has an
+    # open lane in about 1 of 100 rows, by counting). Before pass 2, which may overwrite the logits with the gradient, and after the other lanes'
+    # states are combined (fewer live registers).
+    record_lane = tl.arange(0, RECORD_K_BLOCK)
+    record_ranks = tl.full([RECORD_K_BLOCK], -9223372036854775808, tl.int64)
+    if RECORD_TOPK:
+        if record_slot >= 0:
+            lane_open = lane >= 0  # the first round merges pass 1's candidates of every lane
+            record_round = 0
+            while tl.max(lane_open.to(tl.int32), axis=0) > 0:
+                if record_round > 0:  # the record pass: each open lane's next three, below its third
+                    floor_rank = tl.where(lane_open, _rank(rk3, ri3), -9223372036854775808)
+                    rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
+                    for start in range(0, V, BLOCK_V):
+                        cols = start + lane
+                        mask = cols < V
+                        z_raw, z, z_slope = _student_logits(logits_row, cols, mask, SOFTCAP, softcap, inv_cap, two_log2e_over_cap)
+                        key = _order_key(z)
+                        key = tl.where(mask & (_rank(key, cols) < floor_rank), key, KEY_EMPTY)
+                        rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
+                candidate = 0  # one candidate block at a time, through one copy of the selection network
+                while candidate < 3:
+                    # the candidate's 32-bit key and id selected first: one int64 rank live, not three
+                    key = tl.where(candidate == 0, rk1, tl.where(candidate == 1, rk2, rk3))
+                    ranks = _rank(key, tl.where(candidate == 0, ri1, tl.where(candidate == 1, ri2, ri3)))
+                    record_ranks = _merge_ranks(record_ranks, ranks, RECORD_K_BLOCK)
+                    candidate += 1
+                kth = tl.min(tl.where(record_lane < RECORD_K, record_ranks, 9223372036854775807), axis=0)
+                lane_open = (rk3 != KEY_EMPTY) & (_rank(rk3, ri3) >= kth)
+                record_round += 1
 
     # Cross-entropy: ce = logsumexp(z) - z_y = (zm1 - z_y) + log(1 + zs_rest). When y is the argmax the
     # first term is exactly 0 and the loss keeps its precision for confident rows.
@@ -509,7 +623,12 @@ def _dynsdpb_row_kernel(
     records_log_norm = False
     if RECORD_LOG_NORM:
         records_log_norm = record_slot >= 0
-    if kl_in_pass_2 | COMPUTE_GRAD | records_log_norm:
+    # RECORD_TOPK: the tail mass m = 1 - sum_topk 2^((v - zm1) record_scale) / sum_j 2^((z_j - zm1) record_scale),
+    # the sum over the row as read (the C++ kernel's), riding in pass 2 like the log-normaliser's
+    records_topk = False
+    if RECORD_TOPK:
+        records_topk = record_slot >= 0
+    if kl_in_pass_2 | COMPUTE_GRAD | records_log_norm | records_topk:
         for start in range(0, V, BLOCK_V):
             cols = start + lane
             mask = cols < V
@@ -536,6 +655,9 @@ def _dynsdpb_row_kernel(
                     else:
                         stored_z = _round_to(z, ring_ptr.dtype.element_ty, SOFTWARE_ROUNDING).to(tl.float32)
                     record_lanes += tl.exp2((stored_z - zm1) * record_scale)
+            if RECORD_TOPK:
+                if records_topk:
+                    record_lanes += tl.exp2((z - zm1) * record_scale)
             if COMPUTE_GRAD:
                 if SOFTCAP:  # chain rule through the softcap: dL/dz = dL/dz' dz'/dz
                     grad *= z_slope
@@ -578,6 +700,22 @@ def _dynsdpb_row_kernel(
             ring_stats = ring_stats_ptr + record_slot * ring_stats_row_stride
             tl.store(ring_stats, z_uncertainty)
             tl.store(ring_stats + 1, z_discrimination)
+            if RECORD_TOPK:
+                # values rounded once to the ring's dtype, ids, the tail clamped to [0, 1 - 1e-6] (NaN kept);
+                # entries past a row's V (k > V) hold -inf and id -1
+                record_keys = (record_ranks >> 32).to(tl.int32)
+                record_ids = (record_keys.to(tl.int64) << 32) - record_ranks + INDEX_EMPTY
+                record_filled = record_ranks != -9223372036854775808
+                record_values = tl.where(record_filled, _key_value(record_keys), float("-inf"))
+                in_record = record_lane < RECORD_K
+                kept = tl.sum(tl.where(in_record & record_filled, tl.exp2((record_values - zm1) * record_scale), 0.0), axis=0)
+                tail_mass = 1.0 - kept / tl.sum(record_lanes, axis=0)
+                tail_mass = tl.where(tail_mass != tail_mass, tail_mass, tl.minimum(tl.maximum(tail_mass, 0.0), TAIL_CEILING))
+                values_row = record_values_ptr + record_slot * record_values_row_stride
+                tl.store(values_row + record_lane, _round_to(record_values, record_values_ptr.dtype.element_ty, SOFTWARE_ROUNDING), mask=in_record)
+                support_row = record_support_ptr + record_slot * record_support_row_stride
+                tl.store(support_row + record_lane, tl.where(record_filled, record_ids, -1), mask=in_record)
+                tl.store(record_tail_ptr + record_slot, tail_mass)
             if RECORD_LOG_NORM:
                 tl.store(ring_stats + 2, tau_rec)
                 tl.store(ring_stats + 3, zm1 * (1.0 / tau_rec) + tl.log(tl.sum(record_lanes, axis=0)))
@@ -661,6 +799,13 @@ def triton_fused_rows(
     has_dense_teacher = has_teacher and teacher_support is None
     grad = outputs.grad
     blocks = block_config(vocab_size, block_v)
+    record_topk = record.topk if record is not None else None
+    record_k = record_topk.values.shape[1] if record_topk is not None else 1
+    if record_topk is not None and not 1 <= record_k <= blocks.block_v:
+        raise ValueError(
+            f"record.topk: the Triton kernel records 1 to {blocks.block_v} (its block of "
+            f"{blocks.block_v}) logits per row, got k = {record_k}"
+        )
     # Unused pointers still need a valid tensor argument; the constexpr flags keep them unread.
     placeholder = outputs.row_terms
     arguments = dict(
@@ -685,7 +830,13 @@ def triton_fused_rows(
         support_ptr=teacher_support if teacher_support is not None else labels,
         support_row_stride=teacher_support.stride(0) if teacher_support is not None else 0,
         tail_ptr=teacher_tail if teacher_tail is not None else placeholder,
+        record_values_ptr=record_topk.values if record_topk is not None else placeholder,
+        record_values_row_stride=record_topk.values.stride(0) if record_topk is not None else 0,
+        record_support_ptr=record_topk.support if record_topk is not None else labels,
+        record_support_row_stride=record_topk.support.stride(0) if record_topk is not None else 0,
+        record_tail_ptr=record_topk.tail if record_topk is not None else placeholder,
         K=teacher_support.shape[1] if teacher_support is not None else 1,
+        RECORD_K=record_k,
         V=vocab_size,
         ignore_index=config.ignore_index,
         alpha=float(config.alpha),
@@ -709,6 +860,8 @@ def triton_fused_rows(
         HAS_TAIL=teacher_support is not None and teacher_tail is not None,
         SOFTCAP=config.softcap is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
+        RECORD_TOPK=record_topk is not None,
+        RECORD_K_BLOCK=triton.next_power_of_2(record_k),
         BLOCK_V=blocks.block_v,
         SOFTWARE_ROUNDING=triton_interpreted(),
     )

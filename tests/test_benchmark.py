@@ -36,8 +36,10 @@ def test_bench_command_writes_csv(tmp_path, capsys):
 
 def test_bench_ring_command(capsys):
     """`dynsdpb bench-ring` times dense and top-k rings on the same DLB calls and reports the ring's bytes
-    against the next step's teachers: each ring holds at most the two steps' worth the floor allows (2x,
-    plus its entry table: 24 bytes a row)."""
+    against the next step's teachers: each ring holds at most twice the smallest ring that holds them (rows
+    double-buffered, one entry table)."""
+    from test_ring_floor import _row_bytes
+
     from dynsdpb_kernels.tools.ring_benchmark import dlb_calls, dlb_setup, next_step_teacher_bytes, run_ring_bench
 
     main(["bench-ring", "--v", "512", "--dtype", "float32,bfloat16", "--samples", "4", "--tokens", "8", "--repeats", "1"])
@@ -50,7 +52,9 @@ def test_bench_ring_command(capsys):
         dlb_calls(loss_fn, calls)
         assert int(loss_fn.last_stats.teacher_samples) == 2  # the previous call's 2 new samples were taught
         next_rows = 2 * 7  # 2 new samples x (8 - 1) shifted rows
-        per_row = next_step_teacher_bytes(loss_fn, 1)
-        assert loss_fn.ring.nbytes == 2 * next_rows * per_row + 24 * next_rows + 8  # double buffer + entry table
-        assert loss_fn.ring.nbytes / next_step_teacher_bytes(loss_fn, next_rows) <= 2.0 + 24 / per_row + 1e-3
+        row = _row_bytes(loss_fn.ring)  # a row in this format (the README's formula), without its entry
+        teachers = next_step_teacher_bytes(loss_fn, next_rows)
+        assert teachers == next_rows * (row + 24) + 8  # the smallest ring holding them: rows, entries, head
+        assert loss_fn.ring.nbytes == 2 * next_rows * row + 24 * next_rows + 8  # double buffer + entry table
+        assert loss_fn.ring.nbytes <= 2.0 * teachers
     capsys.readouterr()

@@ -6,9 +6,12 @@ the block width and warps the launcher picks for a large vocabulary, and every c
 as does a spill on sm_90 (the target the block width was chosen for).
 The specializations (dynsdpb_kernels/triton_aot.py): on sm_90 every combination of the kernel's flags
 (teacher none / dense / dense with statistics / top-k / top-k with tail; record none / rows / statistics;
-dynamic True / False / "alpha" / "tau"; gradient) in bfloat16; on both targets a set holding every pair of
+dynamic True / False / "alpha" / "tau"; gradient) in bfloat16, and the top-k ring's record selected by the
+kernel (record "topk") in the launches a top-k ring makes (its first call, each dynamic mode, forward and
+backward: triton_aot.topk_record_specializations); on both targets a set holding every pair of
 values of those factors and of the logits' and teachers' dtypes (float32, bfloat16, float16, float64 logits; float32, bfloat16, float16
-teachers and rings), a vocabulary that is not a multiple of 16, and what bench/gpu_check.py launches.
+teachers and rings), a vocabulary that is not a multiple of 16, the softcapped launches, and what
+bench/gpu_check.py launches (which include the top-k ring's DLB step with its in-kernel record).
 
 Compiling needs the real triton.jit, which TRITON_INTERPRET=1 (conftest.py) replaces, so the compiles
 run in one child process per target without it (both at once).
@@ -74,9 +77,16 @@ def test_cover_holds_every_pair_of_factor_values() -> None:
             for value_a, value_b in itertools.product(values_a, values_b):
                 assert any(matches(row, name_a, value_a) and matches(row, name_b, value_b) for row in rows), (
                     arch, name_a, value_a, name_b, value_b)
-    flags = {tuple(triton_aot.factor_values(spec)[name] for name in ("side", "record", "dynamic", "compute_grad"))
-             for spec in triton_aot.compile_check_set(90)}
-    assert len(flags) == 6 * 3 * 4 * 2  # teacher side, record, dynamic (True, False, "alpha", "tau"), gradient
+    names = ("side", "record", "dynamic", "compute_grad")
+    flags = {tuple(triton_aot.factor_values(spec)[name] for name in names) for spec in triton_aot.compile_check_set(90)}
+    product = set(itertools.product(*(triton_aot.FACTORS[name] for name in names)))
+    assert len(product) == 6 * 3 * 4 * 2  # teacher side, record, dynamic (True, False, "alpha", "tau"), gradient
+    assert product <= flags
+    # a top-k ring's record selected by the kernel: its first call, each dynamic mode, forward and backward
+    topk_records = {row for row in flags if row[1] == "topk"}
+    assert {row[0] for row in topk_records} == {"none", "topk-tail"}
+    assert {row[2] for row in topk_records} == set(triton_aot.DYNAMIC_NAMES)
+    assert {row[3] for row in topk_records} == {False, True}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -133,7 +133,7 @@ def test_record_ties_and_infinities(backend, softcap):
     for kept in (k, vocab):
         topk, stats = record_topk(backend, logits, slots, kept, softcap=softcap)
         check_record(topk, stats, logits, slots, kept, torch.float32, softcap=softcap, ids_exact=False)
-        if backend == "cpu":
+        if backend in ("cpu", "triton"):  # the kernels that select in their pass over the row
             assert torch.equal(topk.support[: len(slots)], lowest_index_ties(logits, kept, softcap))
 
 
@@ -180,3 +180,66 @@ def test_record_makes_no_host_synchronisation():
     assert torch.ops.aten._local_scalar_dense not in recorded.ops
     assert torch.ops.aten.topk in recorded.ops  # the mode saw the record being made
     check_record(topk, stats, logits, slots, 8, torch.float32)
+
+
+def test_triton_records_topk_in_its_kernel(monkeypatch):
+    """backends.RECORDS_TOPK holds "triton": fused_loss does not call loss.write_topk_record for it (made to
+    raise here) and the kernel's record still matches the truth."""
+    from dynsdpb_kernels import loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("write_topk_record was called for the triton backend")
+
+    monkeypatch.setattr(loss, "write_topk_record", refuse)
+    logits = torch.randn(4, 300) * 3
+    slots = torch.tensor([2, -1, 0, 1])
+    topk, stats = record_topk("triton", logits, slots, 16)
+    check_record(topk, stats, logits, slots, 16, torch.float32)
+    with pytest.raises(AssertionError, match="write_topk_record"):
+        record_topk("reference", logits, slots, 16)  # the patch is live: the other backends do call it
+
+
+@pytest.mark.parametrize("ring_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("softcap", [None, 6.0], ids=["plain", "softcap"])
+def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
+    """The Triton kernel's record over several vocabulary blocks (block_v = 32), where lanes hold many of
+    the k best (a row rising with the id, a row of 3 distinct values, one lane holding 7 of them: the
+    kernel's record passes for "open" lanes), equals the C++ kernel's in ids (value descending, ties to
+    the lower id) and, bitwise without a softcap, in values, and its tail matches the float64 truth; a k
+    above the kernel's block is refused."""
+    from dynsdpb_kernels.cpu_kernel import cpu_fused_rows
+    from dynsdpb_kernels.triton_kernel import triton_fused_rows
+
+    torch.manual_seed(0)
+    vocab, k = 200, 24
+    logits = torch.randn(5, vocab) * 3
+    logits[0] = torch.arange(vocab) * 0.01  # the k best all in the last blocks, several per lane
+    logits[1] = torch.randint(0, 3, (vocab,)).float()  # ties everywhere
+    logits[4, ::32] += 20.0  # lane 0 holds 7 of the k best: two record passes after pass 1
+    if softcap is None:  # (softcapping maps -inf to NaN, which validate reports)
+        logits[2, 100:] = -math.inf  # -inf entries in every lane
+        logits[3, 7:] = -math.inf  # 7 finite < k: the lowest-id -inf entries fill the record
+    slots = torch.arange(5)
+    config = DistillConfig(tau=TAU, dynamic=True, softcap=softcap)
+    labels = torch.randint(0, vocab, (5,))
+    records = []
+    for run in (lambda **kw: triton_fused_rows(block_v=32, **kw), cpu_fused_rows):
+        topk = TopkRecord(values=torch.full((5, k), 7.0, dtype=ring_dtype), support=torch.full((5, k), -5),
+                          tail=torch.full((5,), 0.5))
+        record = RowRecord(index=slots, ring_logits=None, stats=torch.zeros(5, 2), topk=topk)
+        run(logits=logits, labels=labels, teacher_rows=None, teacher_index=None, teacher_stats=None, config=config,
+            grad_scale=torch.ones(2), compute_grad=True, record=record)
+        records.append(topk)
+    triton_record, cpu_record = records
+    assert torch.equal(triton_record.support, cpu_record.support)
+    if softcap is None:
+        assert torch.equal(triton_record.values, cpu_record.values)
+    else:  # the kernels' tanh differ by a few ulp (check_record's tolerances)
+        tolerance = dict(rtol=2e-6, atol=2e-6) if ring_dtype == torch.float32 else dict(rtol=8e-3, atol=0)
+        torch.testing.assert_close(triton_record.values, cpu_record.values, **tolerance)
+    assert torch.equal(triton_record.support, lowest_index_ties(logits, k, softcap))
+    _, _, tail = truth_topk(logits, k, softcap)
+    torch.testing.assert_close(triton_record.tail.double(), tail, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="record.topk"):  # k above the kernel's block: refused, nothing written
+        triton_fused_rows(logits=logits, labels=labels, teacher_rows=None, teacher_index=None, teacher_stats=None,
+                          config=config, grad_scale=torch.ones(2), compute_grad=True, record=record, block_v=16)

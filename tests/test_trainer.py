@@ -202,3 +202,22 @@ def test_previous_visit_teachers_over_epochs(tmp_path, fused_linear):
     replay_loss = DynSDPBLoss(VOCAB, tau=2.0, teacher="previous_visit")
     assert_steps_match(steps, replay_steps(trainer.steps, tiny_model(), replay_loss), atol=1e-5)
     assert trainer.dynsdpb_loss.ring.storage == "topk"
+
+
+def test_sample_ids_stay_on_the_cpu_while_the_batch_goes_to_the_device(tmp_path, monkeypatch):
+    """The train loader leaves its batches on the CPU and the Trainer's _prepare_inputs puts every tensor on
+    the device but `sample_ids`, which stay the collator's CPU tensor (the ring reads them on the host; a
+    GPU copy would come back each step, a synchronisation). The device here is "meta", so a tensor that
+    was moved shows it."""
+    trainer = make_trainer(tmp_path / "run")
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert all(value.device.type == "cpu" for value in batch.values())  # the loader does not place them
+    meta = torch.device("meta")
+    monkeypatch.setattr(type(trainer.accelerator), "device", property(lambda self: meta))
+    monkeypatch.setattr(type(trainer.args), "device", property(lambda self: meta))
+    prepared = trainer._prepare_inputs(batch)
+    assert prepared["sample_ids"] is batch["sample_ids"] and batch["sample_ids"].device.type == "cpu"
+    assert {name: value.device for name, value in prepared.items() if name != "sample_ids"} == {
+        name: meta for name in batch if name != "sample_ids"}
+    no_ids = {name: value for name, value in batch.items() if name != "sample_ids"}  # e.g. an eval batch
+    assert all(value.device == meta for value in trainer._prepare_inputs(no_ids).values())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -166,8 +167,11 @@ class DynSDPBTrainerMixin:
           Trainer) SampleIdDataset + OverlapBatchSampler (VisitBatchSampler for teacher="previous_visit";
           seeded with data_seed or seed; one disjoint
           stream per process) + SampleIdCollator around data_collator; a sample's id is its index in
-          the train dataset; accelerate puts the batches on the device but does not shard or dispatch
-          them again (see _prepare_own_stream), so each process trains every step on its own stream;
+          the train dataset; accelerate neither shards nor dispatches them again (see
+          _prepare_own_stream), so each process trains every step on its own stream;
+        - device placement (_prepare_inputs): every tensor of a batch but `sample_ids` goes to the device
+          as the Trainer puts it there; the ids stay on the CPU, where the teacher ring reads them (on the
+          GPU they would come back to the host each step: a synchronisation);
         - compute_loss: logits from the model, DynSDPBLoss with num_items_in_batch in training, plain
           cross-entropy in evaluation;
         - logs: ce (mean over the valid rows since the last log), kl, alpha_mean, tau_mean (means over
@@ -238,8 +242,8 @@ class DynSDPBTrainerMixin:
         return self._prepare_own_stream(loader)
 
     def _prepare_own_stream(self, loader: DataLoader) -> DataLoader:
-        """The train loader prepared by accelerate as for one process: its batches are put on the device
-        (DataLoaderShard), but neither sharded nor dispatched again -- the OverlapBatchSampler already
+        """The train loader prepared by accelerate as for one process (DataLoaderShard: its batches stay on
+        the CPU until _prepare_inputs), neither sharded nor dispatched again -- the OverlapBatchSampler already
         gives this process its own stream. (accelerate's own sharding, BatchSamplerShard, deals out whole
         batches round-robin and yields only batches of the sampler's batch_size: it would break the overlap
         of consecutive batches, and end the epoch after the first batch, since DLB batches after the first
@@ -252,7 +256,7 @@ class DynSDPBTrainerMixin:
             accelerator.device,
             num_processes=1,
             process_index=0,
-            put_on_device=accelerator.device_placement,
+            put_on_device=False,  # _prepare_inputs places the batch, all but its sample_ids
             rng_types=accelerator.rng_types.copy(),
             dispatch_batches=False,
             non_blocking=accelerator.non_blocking,
@@ -268,6 +272,22 @@ class DynSDPBTrainerMixin:
                 f"dataloader by {type(prepared.batch_sampler).__name__}; the batch order the teachers rely on would be lost"
             )
         return prepared
+
+    def _prepare_inputs(self, inputs):
+        """The Trainer's placement of a batch on the device (accelerate's send_to_device with its
+        non_blocking setting, then the Trainer's own), except `sample_ids`: they stay the CPU tensor the
+        collator made, since the ring reads them on the host and a copy to the GPU would have to come back."""
+        from accelerate.utils import send_to_device
+
+        if not isinstance(inputs, Mapping) or "sample_ids" not in inputs:
+            return super()._prepare_inputs(inputs)
+        inputs = dict(inputs)
+        sample_ids = inputs.pop("sample_ids")
+        if self.accelerator.device_placement:
+            inputs = send_to_device(inputs, self.accelerator.device, non_blocking=self.accelerator.non_blocking)
+        inputs = super()._prepare_inputs(inputs)
+        inputs["sample_ids"] = sample_ids
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)

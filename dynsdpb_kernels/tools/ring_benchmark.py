@@ -6,7 +6,7 @@ tokens each: samples 0..S-1 and S/2..3S/2-1, the previous step's S/2 new samples
 (dense, top-k, dense, ...) in one process, so that a loaded or throttled machine slows both alike; the
 table gives the median seconds per two calls, the top-k / dense ratio, and the ring's bytes against the
 bytes of the teachers the next step reads (the rows of the last call's new samples, T - 1 each with shifted
-labels, in the ring's format).
+labels, in the smallest ring of the same format that holds them: rows, statistics, entry table, head).
 """
 
 from __future__ import annotations
@@ -52,11 +52,14 @@ def dlb_calls(loss_fn, calls) -> float:
 
 
 def next_step_teacher_bytes(loss_fn, rows: int) -> int:
-    """Bytes of `rows` teacher rows in the ring's own format: one row of each of its row-indexed tensors
-    (values, top-k ids and tail, float32 statistics), read off the allocated ring."""
+    """Bytes of the smallest ring of this ring's format that holds `rows` teacher rows, which is what the
+    next step reads: one row of each row-indexed tensor (values, top-k ids and tail, float32 statistics),
+    one entry-table slot a row (its (id, start, length)) and the head, read off the allocated ring
+    (tests/test_ring_floor.py counts the same)."""
     ring = loss_fn.ring
-    per_row = sum(t[0].numel() * t.element_size() for t in (ring.logits, ring.support, ring.tail, ring.stats) if t is not None)
-    return rows * per_row
+    row_tensors = (ring.logits, ring.support, ring.tail, ring.stats, ring._ids, ring._start, ring._length)
+    per_row = sum(t[0].numel() * t.element_size() for t in row_tensors if t is not None)
+    return rows * per_row + ring._head.numel() * ring._head.element_size()
 
 
 def run_ring_bench(vocab_sizes: list[int], dtypes: list[str], device: str, repeats: int, samples: int = 8, tokens: int = 256) -> list[dict]:
