@@ -104,12 +104,15 @@ def recorded_stats(trainer) -> list[StepStats]:
     return [stats for *_, stats in trainer.steps]
 
 
-def replay_steps(steps: list, model: torch.nn.Module, loss_fn) -> list[StepStats]:
+def replay_steps(steps: list, model: torch.nn.Module, loss_fn, before_step=None) -> list[StepStats]:
     """RecordingTrainerMixin.steps recomputed outside the trainer: for each step, `model` loaded with the
     step's parameters, its logits, and `loss_fn` (a fresh DynSDPBLoss, so with its own ring) fed the same
-    batches in the same order. Returns each step's StepStats."""
+    batches in the same order; `before_step(i)`, when given, runs before step i (e.g. a schedule's
+    set_alpha). Returns each step's StepStats."""
     replayed = []
-    for batch, num_items, parameters, _ in steps:
+    for index, (batch, num_items, parameters, _) in enumerate(steps):
+        if before_step is not None:
+            before_step(index)
         model.load_state_dict(parameters)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = loss_fn(logits, batch["labels"], batch["sample_ids"], num_items_in_batch=num_items)

@@ -221,3 +221,36 @@ def test_sample_ids_stay_on_the_cpu_while_the_batch_goes_to_the_device(tmp_path,
         name: meta for name in batch if name != "sample_ids"}
     no_ids = {name: value for name, value in batch.items() if name != "sample_ids"}  # e.g. an eval batch
     assert all(value.device == meta for value in trainer._prepare_inputs(no_ids).values())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_epoch_ramp_schedules_alpha_over_the_epochs(tmp_path, dynamic):
+    """alpha_schedule="epoch_ramp" with last-visit teachers: the kernel's alpha in epoch t = 0, 1, 2 of 3 is
+    alpha * t / 3 (each step's alpha_mean with dynamic=False; at most that under the dynamic rule, alpha_r =
+    alpha_t (1 - u_r)), and each step equals a replay whose loss has that alpha set before it; another
+    schedule name raises."""
+    n_samples, batch_size, epochs, alpha = 16, 4, 3, 0.9
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=batch_size, num_train_epochs=epochs, learning_rate=1e-2,
+        logging_steps=4, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    options = dict(model=tiny_model(), args=args, train_dataset=ProgressionDataset(n_samples),
+                   data_collator=functools.partial(pad_batch, pad_id=0), tau=2.0, alpha=alpha, dynamic=dynamic,
+                   teacher="previous_visit")
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        RecordingTrainer(**options, alpha_schedule="linear")
+    trainer = RecordingTrainer(**options, alpha_schedule="epoch_ramp")
+    trainer.train()
+    steps = recorded_stats(trainer)
+    per_epoch = n_samples // batch_size
+    scheduled = [alpha * (i // per_epoch) / epochs for i in range(len(steps))]
+    assert len(steps) == epochs * per_epoch
+    for step, alpha_t in zip(steps[per_epoch:], scheduled[per_epoch:]):  # epoch 1 has no teachers
+        if dynamic:
+            assert 0 < step.alpha_mean <= alpha_t + 1e-6
+        else:
+            assert step.alpha_mean == pytest.approx(alpha_t, rel=1e-6)
+    replay_loss = DynSDPBLoss(VOCAB, tau=2.0, alpha=alpha, dynamic=dynamic, teacher="previous_visit")
+    replayed = replay_steps(trainer.steps, tiny_model(), replay_loss, before_step=lambda i: replay_loss.set_alpha(scheduled[i]))
+    assert_steps_match(steps, replayed, atol=1e-5)

@@ -12,6 +12,7 @@ without labels; its logits go to DynSDPBLoss, which distills the samples seen on
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -144,6 +145,8 @@ def call_through_module(head: torch.nn.Module, compute, hidden: torch.Tensor) ->
 
 
 LOGGED_STATS = ("ce", "kl", "alpha_mean", "tau_mean")
+# DynSDPBTrainerMixin's alpha_schedule values (scheduled_alpha)
+ALPHA_SCHEDULES = ("constant", "epoch_ramp")
 
 
 class DynSDPBTrainerMixin:
@@ -161,6 +164,9 @@ class DynSDPBTrainerMixin:
             per_device_train_batch_size samples) or "previous_visit" (each sample taught by its logits
             from the previous epoch, no re-run: VisitBatchSampler, per_device_train_batch_size samples a
             step, fixed shards per process; the first epoch has no teachers; top-k ring by default).
+        alpha_schedule: "constant" (default) or "epoch_ramp": alpha_t = alpha * t / T in epoch t of T
+            (PS-KD's ramp, scheduled_alpha), which the compute-matched study found last-visit teachers
+            need (docs/study_compute.md). ValueError for another value.
 
     What it changes:
         - train dataloader: (a datasets.Dataset loses the columns the model does not take, as in the
@@ -193,10 +199,14 @@ class DynSDPBTrainerMixin:
         teacher_storage: str | None = None,
         topk: int = 64,
         teacher: str = "previous_batch",
+        alpha_schedule: str = "constant",
         **kwargs,
     ) -> None:
+        if alpha_schedule not in ALPHA_SCHEDULES:
+            raise ValueError(f"alpha_schedule must be one of {ALPHA_SCHEDULES}, got {alpha_schedule!r}")
         super().__init__(*args, **kwargs)
         self.fused_linear = fused_linear
+        self.alpha_schedule = alpha_schedule
         if dynsdpb_loss is None:
             vocab_size = self.model.get_output_embeddings().weight.shape[0]
             options = dict(alpha=alpha, tau=tau, dynamic=dynamic, capacity_rows=capacity_rows, teacher_dtype=teacher_dtype,
@@ -210,6 +220,7 @@ class DynSDPBTrainerMixin:
                 raise TypeError("fused_linear=True needs a FusedLinearDynSDPBLoss as dynsdpb_loss")
             apply_dynsdpb(self.model, dynsdpb_loss)
         self.dynsdpb_loss = dynsdpb_loss
+        self._alpha = dynsdpb_loss.options.distill.alpha  # the schedule's alpha (a given dynsdpb_loss's own)
         self._stat_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._stat_calls = 0
 
@@ -292,6 +303,8 @@ class DynSDPBTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         self.dynsdpb_loss.train(model.training)
+        if model.training and self.alpha_schedule == "epoch_ramp":
+            self.dynsdpb_loss.set_alpha(self.scheduled_alpha())
         if self.fused_linear:  # the patched forward computes the loss from the hidden states
             if not model.training:
                 inputs.pop("sample_ids", None)
@@ -310,6 +323,16 @@ class DynSDPBTrainerMixin:
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # num_items_in_batch was summed over processes
         return (loss, outputs) if return_outputs else loss
+
+    def scheduled_alpha(self) -> float:
+        """alpha for the current training step: the loss's own alpha with alpha_schedule="constant"; with
+        "epoch_ramp", PS-KD's ramp alpha_t = alpha * t / T in epoch t = 0..T-1 of T = state.num_train_epochs
+        (t = the whole epochs state.epoch has completed), so that teachers from the first epochs, the least
+        trained, weigh least. Read from the Trainer's state, so a resumed run continues the ramp."""
+        if self.alpha_schedule == "constant":
+            return self._alpha
+        epochs = max(1, math.ceil(self.state.num_train_epochs or 1))
+        return self._alpha * min(int(self.state.epoch or 0), epochs - 1) / epochs
 
     def _accumulate_stats(self) -> None:
         """Add this call's stats, weighted by its row counts, to the sums of the logging window (on the
