@@ -376,6 +376,8 @@ CASES = (
          fallback_loops=("normaliser pass",)),
     Case("teachers-no-stats", "dynsdpb_loss(z, y, t): dense teachers without stats, dynamic (pre-pass + 2)",
          Specialization(BF16, "dense", BF16), ("pre-pass", "pass 1", "pass 2"), 3),
+    Case("teachers-with-stats", "dynsdpb_loss(z, y, t, teacher_stats=s): dense teachers with their (u, d), dynamic",
+         Specialization(BF16, "dense", BF16, True), ("pass 1", "pass 2"), 3),
     # the top-k ring step as the Triton kernel runs it (it records top-k itself, RECORD_TOPK): pass 1 keeps
     # each lane's three best, pass 2 sums the recorded row at tau_rec; the further passes for "open" lanes
     # (about 1 row in 100) are not on the counted path

@@ -220,6 +220,22 @@ def check_values(
         raise FloatingPointError("the DynSDPB loss produced non-finite values from finite inputs")
 
 
+def check_teacher_stats(teacher_stats: torch.Tensor) -> None:
+    """Caller-given teacher statistics (R, 2) (u, d): every value in [0, 1] (NaN and inf are not), with
+    one host sync (a device-side assertion when traced by torch.compile, as check_values)."""
+    if teacher_stats.device.type == "meta":
+        return
+    in_range = ((teacher_stats >= 0) & (teacher_stats <= 1)).all()
+    message = "teacher_stats must hold (u, d) in [0, 1] for every teacher row (NaN or inf is not)"
+    if torch.compiler.is_compiling():
+        torch._assert_async(in_range, message)
+        return
+    if not in_range.item():
+        bad_rows = (~((teacher_stats >= 0) & (teacher_stats <= 1))).any(1).nonzero().squeeze(1)
+        raise ValueError(f"{message}; {bad_rows.numel()} rows are not, e.g. rows {bad_rows[:5].tolist()}: "
+                         f"{teacher_stats[bad_rows[:3]].tolist()}")
+
+
 def _used_teachers(teacher_rows: torch.Tensor, teacher_index: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Indices of the teacher rows that valid student rows read (clamped into range; the range is checked apart)."""
     return teacher_index[(teacher_index >= 0) & (labels != ignore_index)].clamp_max(teacher_rows.shape[0] - 1)

@@ -1,15 +1,17 @@
 """The functional forms of the loss, in the style of torch.nn.functional: tensors in, a loss out, teachers
 given as aligned logits (no ring; DynSDPB training keeps its teachers in one: see module.py).
 
-    dynsdpb_loss(logits, labels, teacher_logits=None, teacher_mask=None, *, alpha, tau, ...)
+    dynsdpb_loss(logits, labels, teacher_logits=None, teacher_mask=None, *, teacher_stats=None, alpha, tau, ...)
     fused_linear_dynsdpb_loss(hidden, weight, labels, teacher_logits=None, teacher_mask=None, *, bias, ...)
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .checks import check_device, check_float, check_integer, check_logits, check_tensor
+from .checks import check_device, check_float, check_integer, check_logits, check_teacher_stats, check_tensor
 from .contract import DistillConfig, LossOptions, Teachers
 from .fused_linear import fused_linear_loss_with_grad
 from .loss import LossStats, dynsdpb_loss_with_grad, as_rows, fused_loss, loss_stats, row_counts
@@ -37,6 +39,7 @@ def dynsdpb_loss(
     teacher_logits: torch.Tensor | None = None,
     teacher_mask: torch.Tensor | None = None,
     *,
+    teacher_stats: torch.Tensor | None = None,
     alpha: float = 1.0,
     tau: float = 3.0,
     dynamic: bool | str = True,
@@ -64,13 +67,20 @@ def dynsdpb_loss(
             step, shape of logits, any float dtype. Detached: no gradient flows into the teacher.
         teacher_mask: None (every row has a teacher) or bool of logits' leading shape, True where the
             row has a teacher.
+        teacher_stats: None, or (logits' leading shape, 2) float (u_r, d_r) of each teacher row at
+            temperature 1 (reference.row_statistics), as the call that computed the teacher logits
+            returns them (LossStats.student_stats, return_stats=True). Given, the kernel skips its pass
+            over the teacher rows for them (under dynamic=True, "alpha" or "tau" it reads each teacher row
+            twice instead of three times); they must be the teacher logits' own statistics for the loss
+            to be the one above. Checked for values in [0, 1] when validate (with the same one sync).
         alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r and tau_r (True),
             only alpha_r ("alpha"), only tau_r ("tau"), or neither (False, DLB).
         softcap: None, or c > 0 for final-logit softcapping (Gemma 2): the logits enter the loss as
             z' = c tanh(z / c) (the gradient chains through it). teacher_logits are taken as given, i.e.
             as already capped (the logits z' of the previous step), and are not capped again.
         reduction: "mean", "sum" or "none" (per-row losses of logits' leading shape).
-        return_stats: also return a LossStats of 0-d tensors (no host sync).
+        return_stats: also return a LossStats of 0-d tensors (no host sync), with the student rows'
+            (u, d) in its student_stats (logits' leading shape, 2).
         backend: "auto", "triton", "cpu" or "reference" (see backends.py).
         validate: check label range and finiteness of logits and teacher logits; this costs one
             device-to-host sync per call. With validate=False no check syncs: an out-of-range label
@@ -117,6 +127,17 @@ def dynsdpb_loss(
         teacher_index = teacher_index_from_mask(teacher_mask, leading_shape, logits.device)
     elif teacher_mask is not None:
         raise ValueError("teacher_mask was given without teacher_logits")
+    if teacher_stats is not None:
+        if teacher_logits is None:
+            raise ValueError("teacher_stats was given without teacher_logits")
+        teacher_stats = check_tensor("teacher_stats", teacher_stats)
+        check_float("teacher_stats", teacher_stats)
+        if teacher_stats.shape != (*leading_shape, 2):
+            raise ValueError(
+                f"teacher_stats must have shape {(*leading_shape, 2)} (u, d) of each teacher row, got {tuple(teacher_stats.shape)}"
+            )
+        check_device("teacher_stats", teacher_stats, logits.device)
+        teacher_stats = teacher_stats.detach().reshape(-1, 2).float().contiguous()
 
     options = LossOptions(
         distill=DistillConfig(alpha=alpha, tau=tau, dynamic=dynamic, ignore_index=ignore_index, softcap=softcap),
@@ -126,17 +147,21 @@ def dynsdpb_loss(
         inplace_grad=inplace_grad,
     )
     labels_1d = labels.reshape(-1).long()
+    if validate and teacher_stats is not None:
+        check_teacher_stats(teacher_stats)
+    arguments = (logits_2d, labels_1d, teacher_rows, teacher_index, teacher_stats, options)
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, row_terms = dynsdpb_loss_with_grad(logits_2d, labels_1d, teacher_rows, teacher_index, None, options)
+        loss, row_terms, student_stats = dynsdpb_loss_with_grad(*arguments)
     else:
-        loss, per_row = fused_loss(logits_2d, labels_1d, teacher_rows, teacher_index, None, options, compute_grad=False)
-        row_terms = per_row.row_terms
+        loss, per_row = fused_loss(*arguments, compute_grad=False)
+        row_terms, student_stats = per_row.row_terms, per_row.student_stats
     if reduction == "none":
         loss = loss.reshape(leading_shape)
     if not return_stats:
         return loss
     n_valid, n_distilled = row_counts(labels_1d, teacher_index, ignore_index)
-    return loss, loss_stats(row_terms, n_valid, n_distilled)
+    stats = loss_stats(row_terms, n_valid, n_distilled)
+    return loss, replace(stats, student_stats=student_stats.reshape(*leading_shape, 2))
 
 
 def fused_linear_dynsdpb_loss(

@@ -50,6 +50,9 @@ class LossStats:
     uncertainty_mean: mean teacher uncertainty u_r over distilled rows
     n_valid:          number of rows whose label is not ignore_index (int64)
     n_distilled:      number of valid rows that have a teacher (int64)
+    student_stats:    dynsdpb_loss only: (logits' leading shape, 2) float32 (u_r, d_r) of each student row
+                      at temperature 1, the statistics these logits have as a teacher: pass them as
+                      `teacher_stats` with the detached logits to the call they teach (no pre-pass there)
     Means over zero rows are 0.
     """
 
@@ -61,6 +64,7 @@ class LossStats:
     uncertainty_mean: torch.Tensor
     n_valid: torch.Tensor
     n_distilled: torch.Tensor
+    student_stats: torch.Tensor | None = None
 
 
 def row_counts(labels: torch.Tensor, teacher_index: torch.Tensor | None, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,7 +297,7 @@ def dynsdpb_loss_with_grad(
     teacher_support: torch.Tensor | None = None,
     teacher_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DynSDPBLossFunction.apply -> (loss, row_terms), with validate=True's check around the Function.
+    """DynSDPBLossFunction.apply -> (loss, row_terms, student_stats), with validate=True's check around the Function.
 
     The check (one host sync) runs before the Function when the kernel overwrites the logits
     (inplace_grad), after it otherwise, on the kernel's per-row outputs. Kept outside the Function so that
@@ -313,7 +317,7 @@ def dynsdpb_loss_with_grad(
             labels, logits.shape[1], config.ignore_index, logits=logits, row_terms=row_terms,
             student_stats=student_stats, **check,
         )  # fmt: skip
-    return loss, row_terms
+    return loss, row_terms, student_stats
 
 
 def check_single_backward(ctx, name: str) -> None:

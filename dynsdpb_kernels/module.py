@@ -314,7 +314,7 @@ class DynSDPBLoss(RingLoss):
         arguments = (logits_2d, step.labels, teachers.logits, teachers.index, teachers.stats, self.options)
         topk_arguments = (teachers.support, teachers.tail)
         if torch.is_grad_enabled() and logits_2d.requires_grad:
-            loss, row_terms = dynsdpb_loss_with_grad(*arguments, step.record, step.grad_scale, *topk_arguments)
+            loss, row_terms, _ = dynsdpb_loss_with_grad(*arguments, step.record, step.grad_scale, *topk_arguments)
         else:
             loss, per_row = fused_loss(*arguments, False, step.record, step.grad_scale, *topk_arguments)
             row_terms = per_row.row_terms

@@ -47,7 +47,8 @@ the ring step 2026-12-02; predictions from the machine code, not GPU timings):
       ring write, dynamic, grad)
     teachers without stats (dynamic)       69.25 (17.0 + 29.25 + 23.0)                 7.0   10+2 (6 minimal)
     top-k ring step (k=64, tail, stats)    36.75 (      22.75 + 14.0)                  4.0   4+2 (4 minimal)
-    the same recording top-k (k=64 bf16)   58.75 (      41.25 + 17.5)                  5.0   4+2 (4 minimal)
+    the same recording top-k (k=64 bf16)   51.25 (      33.75 + 17.5)                  5.0   4+2 (4 minimal)
+      (float32 logits, or softcapped: the (key, id) path below, 58.75 = 41.25 + 17.5 for bf16 with it)
 
 MUFU per element: 1 per state of pass 1 (z at 1, z at tau_r, t at tau_r unless its log-normaliser is
 stored; the pre-pass's t at 1) and in pass 2 one each for softmax(z), Q and P, plus the recorded row's
@@ -60,13 +61,17 @@ Top-k ring record (RECORD_TOPK, a RowRecord with topk): the recorded row's k lar
 descending, ties to the lower vocabulary id: the C++ kernel's order, bit for bit), their ids and the tail
 mass m = 1 - sum_topk softmax(z / tau_rec), selected in the kernel. Pass 1 keeps per lane its three best
 (an int32 order key of the float32 value and the id: _order_key, _top3_step; 3 compares and 8 selects or
-maxima per element, no cross-lane work); after the loop, once per row, the k best ranks (_rank: key, then
+maxima per element, no cross-lane work). For bfloat16 logits without softcapping, whose float32 values
+have 16 zero low bits, the value's key and the block index share one int32 (_packed_key: key in the high
+half, 0xFFFF - block in the low) and the lane's three best are a sorting network of 5 integer min/max per
+element (_top3_packed_step), unpacked into (key, id) once per row (_unpack_key); after the loop, once per row, the k best ranks (_rank: key, then
 id) of those 3 x BLOCK_V candidates are selected (tl.topk, one candidate block at a time). They are the
 row's k best unless a lane had all three of its candidates among them; then a record pass collects the
 next three of each such lane, merged in, until none is left (exact; for a random row of V = 128256 and
 k = 64, about 1 row in 100 takes one: C(64, 3) / 2048^2, an estimate by counting, not measured).
 Pass 2 sums 2^((z - zm1) log2(e) / tau_rec) for m (one exponential per element); the values are rounded once to the ring's dtype, entries past V (k > V) hold -inf and id -1, and
-k is at most BLOCK_V (the launcher refuses more). Counted: 58.75 instructions and 5.0 MUFU per element.
+k is at most BLOCK_V (the launcher widens its block for a larger k; an explicit block_v that is too small is
+refused). Counted: 51.25 instructions and 5.0 MUFU per element (bfloat16 logits; 58.75 on the (key, id) path).
 
 With SOFTCAP (config.softcap = c), every student load is z' = c tanh(z / c) (contract.py, _student_logits):
 pass 1, the label's logit, the top-k support's logits and the ring record see z', and the gradient is
@@ -315,6 +320,36 @@ def _rank(key, index):
 
 
 @triton.jit
+def _packed_key(z, block):
+    """bfloat16 logits without softcapping (their float32 values have 16 zero low bits): one int32 per
+    element whose order is the value's, then the lower block: the order key of z (-0 taken as +0, by
+    z + 0.0) in the high half, 0xFFFF - block in the low half (block = start / BLOCK_V < 2^16). So a
+    lane's top 3 costs 5 integer min/max per element and no id selects (_top3_packed_step)."""
+    bits = (z + 0.0).to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFF0000)) | (0xFFFF - block)
+
+
+@triton.jit
+def _top3_packed_step(p1, p2, p3, key):
+    """Fold one packed key per lane (_packed_key; KEY_EMPTY for a masked lane) into the lane's three largest
+    (p1 >= p2 >= p3): a sorting network on the keys alone (keys of one lane are distinct)."""
+    p3 = tl.maximum(p3, tl.minimum(p2, key))
+    p2 = tl.maximum(p2, tl.minimum(p1, key))
+    p1 = tl.maximum(p1, key)
+    return p1, p2, p3
+
+
+@triton.jit
+def _unpack_key(packed, lane, BLOCK_V: tl.constexpr):
+    """(order key as _order_key gives it, vocabulary id) of a _packed_key (KEY_EMPTY: an empty slot). A
+    negative value's _order_key has its 16 low bits set (its float32 bits' are 0, flipped)."""
+    empty = packed == KEY_EMPTY
+    key = (packed & -65536) | ((packed >> 31) & 0xFFFF)
+    index = (0xFFFF - (packed & 0xFFFF)) * BLOCK_V + lane
+    return tl.where(empty, KEY_EMPTY, key), tl.where(empty, INDEX_EMPTY, index)
+
+
+@triton.jit
 def _top3_step(k1, i1, k2, i2, k3, i3, key, col):
     """Fold one element per lane (order key `key`, id `col`) into the lane's three best (k1 >= k2 >= k3).
     Ids arrive in increasing order per lane, so a strict compare keeps the lower id among equal values."""
@@ -465,10 +500,12 @@ def _dynsdpb_row_kernel(
     # maximum and sum at tau_r (its maximum already known after a pre-pass), and its temperature-1 state
     # when its statistics are still unknown. A recorded row is copied into the ring here.
     zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, zs_tau_lanes = z_floor, z_floor, zeros, zeros, zeros
-    # RECORD_TOPK: each lane's three best (order key, id) of the recorded row (_top3_step)
+    # RECORD_TOPK: each lane's three best (order key, id) of the recorded row (_top3_step), or for bfloat16
+    # logits without softcapping its three best packed keys (_top3_packed_step), unpacked after the loop
     key_empty = tl.full([BLOCK_V], KEY_EMPTY, tl.int32)
     index_empty = tl.full([BLOCK_V], INDEX_EMPTY, tl.int32)
     rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
+    PACKED_TOPK: tl.constexpr = logits_ptr.dtype.element_ty == tl.bfloat16 and not SOFTCAP
     tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, ts_tau_lanes = t_floor, t_floor, zeros, zeros, zeros
     for start in range(0, V, BLOCK_V):
         cols = start + lane
@@ -483,8 +520,12 @@ def _dynsdpb_row_kernel(
         zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, grew, delta = _lane_step(zm_lanes, zm2_lanes, zs_rest_lanes, zent_lanes, z)
         if RECORD_TOPK:
             if record_slot >= 0:
-                key = tl.where(mask, _order_key(z), KEY_EMPTY)
-                rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
+                if PACKED_TOPK:  # rk1..rk3 hold packed keys until the loop ends
+                    key = tl.where(mask, _packed_key(z, start // BLOCK_V), KEY_EMPTY)
+                    rk1, rk2, rk3 = _top3_packed_step(rk1, rk2, rk3, key)
+                else:
+                    key = tl.where(mask, _order_key(z), KEY_EMPTY)
+                    rk1, ri1, rk2, ri2, rk3, ri3 = _top3_step(rk1, ri1, rk2, ri2, rk3, ri3, key, cols)
         if distilled:
             zs_tau_lanes = _tempered_step(zs_tau_lanes, grew, delta, tau_scale)
             if not TEACHER_TOPK and not TEACHER_LOG_NORM:
@@ -530,6 +571,10 @@ def _dynsdpb_row_kernel(
     record_ranks = tl.full([RECORD_K_BLOCK], -9223372036854775808, tl.int64)
     if RECORD_TOPK:
         if record_slot >= 0:
+            if PACKED_TOPK:
+                rk1, ri1 = _unpack_key(rk1, lane, BLOCK_V)
+                rk2, ri2 = _unpack_key(rk2, lane, BLOCK_V)
+                rk3, ri3 = _unpack_key(rk3, lane, BLOCK_V)
             lane_open = lane >= 0  # the first round merges pass 1's candidates of every lane
             record_round = 0
             while tl.max(lane_open.to(tl.int32), axis=0) > 0:
@@ -801,6 +846,10 @@ def triton_fused_rows(
     blocks = block_config(vocab_size, block_v)
     record_topk = record.topk if record is not None else None
     record_k = record_topk.values.shape[1] if record_topk is not None else 1
+    if record_topk is not None and block_v is None and record_k > blocks.block_v:
+        # the record's selection takes k ranks out of one block of candidates: a k above the launcher's
+        # block (2048 on a GPU) widens the block of this launch (not among the compile-checked ones)
+        blocks = block_config(vocab_size, triton.next_power_of_2(record_k))
     if record_topk is not None and not 1 <= record_k <= blocks.block_v:
         raise ValueError(
             f"record.topk: the Triton kernel records 1 to {blocks.block_v} (its block of "

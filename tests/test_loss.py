@@ -80,8 +80,10 @@ def assert_float32_close(ours, truth, what, rtol=2e-5):
     assert ((ours - truth).abs() <= rtol * scale).all(), f"{what}: ours {ours}, truth {truth}"
 
 
-def check_against_truth(backend, logits, labels, teacher_logits, teacher_mask, grad_output=1.0, **kwargs):
-    ours = run_ours(backend, logits, labels, teacher_logits, teacher_mask, grad_output, **kwargs)
+def check_against_truth(backend, logits, labels, teacher_logits, teacher_mask, grad_output=1.0, ours_only=None, **kwargs):
+    """Our loss, gradient and stats against the float64 truth and eager PyTorch at the input dtype, with the
+    options `kwargs` (and `ours_only`, options of ours that the truth computes by itself, e.g. teacher_stats)."""
+    ours = run_ours(backend, logits, labels, teacher_logits, teacher_mask, grad_output, **kwargs, **(ours_only or {}))
     truth = truth_dynsdpb(logits, labels, teacher_logits, teacher_mask, grad_output=grad_output, **kwargs)
     eager = eager_dynsdpb(logits, labels, teacher_logits, teacher_mask, grad_output=grad_output, **kwargs)
     dtype = logits.dtype

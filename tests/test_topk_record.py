@@ -199,34 +199,39 @@ def test_triton_records_topk_in_its_kernel(monkeypatch):
         record_topk("reference", logits, slots, 16)  # the patch is live: the other backends do call it
 
 
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32-logits", "bf16-logits"])
 @pytest.mark.parametrize("ring_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("softcap", [None, 6.0], ids=["plain", "softcap"])
-def test_triton_record_with_several_blocks_matches_cpu(ring_dtype, softcap):
+def test_triton_record_with_several_blocks_matches_cpu(logits_dtype, ring_dtype, softcap):
     """The Triton kernel's record over several vocabulary blocks (block_v = 32), where lanes hold many of
     the k best (a row rising with the id, a row of 3 distinct values, one lane holding 7 of them: the
-    kernel's record passes for "open" lanes), equals the C++ kernel's in ids (value descending, ties to
-    the lower id) and, bitwise without a softcap, in values, and its tail matches the float64 truth; a k
-    above the kernel's block is refused."""
+    kernel's record passes for "open" lanes, a row of zeros of both signs at the k-th place), equals the
+    C++ kernel's in ids (value descending, ties to the lower id, -0 equal to +0) and, bitwise without a
+    softcap, in values, and its tail matches the float64 truth; a k above the kernel's block is refused.
+    bfloat16 logits without a softcap take the kernel's packed-key path (_packed_key)."""
     from dynsdpb_kernels.cpu_kernel import cpu_fused_rows
     from dynsdpb_kernels.triton_kernel import triton_fused_rows
 
     torch.manual_seed(0)
-    vocab, k = 200, 24
-    logits = torch.randn(5, vocab) * 3
+    vocab, k, rows = 200, 24, 6
+    logits = torch.randn(rows, vocab) * 3
     logits[0] = torch.arange(vocab) * 0.01  # the k best all in the last blocks, several per lane
     logits[1] = torch.randint(0, 3, (vocab,)).float()  # ties everywhere
     logits[4, ::32] += 20.0  # lane 0 holds 7 of the k best: two record passes after pass 1
+    logits[5] = torch.where(torch.arange(vocab) % 3 == 0, -0.0, 0.0)  # zeros of both signs,
+    logits[5, 150::5] = 1.0  # 10 ones, then the 14 lowest-id zeros whatever their sign
     if softcap is None:  # (softcapping maps -inf to NaN, which validate reports)
         logits[2, 100:] = -math.inf  # -inf entries in every lane
         logits[3, 7:] = -math.inf  # 7 finite < k: the lowest-id -inf entries fill the record
-    slots = torch.arange(5)
+    logits = logits.to(logits_dtype)
+    slots = torch.arange(rows)
     config = DistillConfig(tau=TAU, dynamic=True, softcap=softcap)
-    labels = torch.randint(0, vocab, (5,))
+    labels = torch.randint(0, vocab, (rows,))
     records = []
     for run in (lambda **kw: triton_fused_rows(block_v=32, **kw), cpu_fused_rows):
-        topk = TopkRecord(values=torch.full((5, k), 7.0, dtype=ring_dtype), support=torch.full((5, k), -5),
-                          tail=torch.full((5,), 0.5))
-        record = RowRecord(index=slots, ring_logits=None, stats=torch.zeros(5, 2), topk=topk)
+        topk = TopkRecord(values=torch.full((rows, k), 7.0, dtype=ring_dtype), support=torch.full((rows, k), -5),
+                          tail=torch.full((rows,), 0.5))
+        record = RowRecord(index=slots, ring_logits=None, stats=torch.zeros(rows, 2), topk=topk)
         run(logits=logits, labels=labels, teacher_rows=None, teacher_index=None, teacher_stats=None, config=config,
             grad_scale=torch.ones(2), compute_grad=True, record=record)
         records.append(topk)
