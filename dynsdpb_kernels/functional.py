@@ -72,7 +72,7 @@ def dynsdpb_loss(
             returns them (LossStats.student_stats, return_stats=True). Given, the kernel skips its pass
             over the teacher rows for them (under dynamic=True, "alpha" or "tau" it reads each teacher row
             twice instead of three times); they must be the teacher logits' own statistics for the loss
-            to be the one above. Checked for values in [0, 1] when validate (with the same one sync).
+            to be the one above. Checked for values in [0, 1] when validate (one more host sync).
         alpha: distillation weight, >= 0. tau: temperature, > 0. dynamic: per-row alpha_r and tau_r (True),
             only alpha_r ("alpha"), only tau_r ("tau"), or neither (False, DLB).
         softcap: None, or c > 0 for final-logit softcapping (Gemma 2): the logits enter the loss as
@@ -82,8 +82,8 @@ def dynsdpb_loss(
         return_stats: also return a LossStats of 0-d tensors (no host sync), with the student rows'
             (u, d) in its student_stats (logits' leading shape, 2).
         backend: "auto", "triton", "cpu" or "reference" (see backends.py).
-        validate: check label range and finiteness of logits and teacher logits; this costs one
-            device-to-host sync per call. With validate=False no check syncs: an out-of-range label
+        validate: check label range and finiteness of logits and teacher logits (and teacher_stats'
+            range); this costs one device-to-host sync per call (two with teacher_stats). With validate=False no check syncs: an out-of-range label
             gives a NaN loss for its row and non-finite logits propagate.
         inplace_grad: opt-in; write the gradient into the logits' own storage instead of a fresh
             buffer, saving one (N, V) allocation. The logits' values are destroyed by the forward pass

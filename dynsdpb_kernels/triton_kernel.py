@@ -850,6 +850,10 @@ def triton_fused_rows(
         # the record's selection takes k ranks out of one block of candidates: a k above the launcher's
         # block (2048 on a GPU) widens the block of this launch (not among the compile-checked ones)
         blocks = block_config(vocab_size, triton.next_power_of_2(record_k))
+    if record_topk is not None and logits.dtype == torch.bfloat16 and config.softcap is None:
+        if triton.cdiv(vocab_size, blocks.block_v) > 0xFFFF:  # _packed_key holds the block index in 16 bits
+            raise ValueError(f"record.topk: bfloat16 logits of V = {vocab_size} span more than 65535 blocks of "
+                             f"{blocks.block_v}; the Triton kernel's top-k record takes at most that")
     if record_topk is not None and not 1 <= record_k <= blocks.block_v:
         raise ValueError(
             f"record.topk: the Triton kernel records 1 to {blocks.block_v} (its block of "

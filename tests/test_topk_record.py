@@ -248,3 +248,18 @@ def test_triton_record_with_several_blocks_matches_cpu(logits_dtype, ring_dtype,
     with pytest.raises(ValueError, match="record.topk"):  # k above the kernel's block: refused, nothing written
         triton_fused_rows(logits=logits, labels=labels, teacher_rows=None, teacher_index=None, teacher_stats=None,
                           config=config, grad_scale=torch.ones(2), compute_grad=True, record=record, block_v=16)
+
+
+def test_triton_packed_record_refuses_more_blocks_than_its_16_bit_index():
+    """bfloat16 logits (the packed-key record: a 16-bit block index) over more than 65535 blocks are refused
+    with a ValueError naming record.topk before anything is written (the record keeps its marker values)."""
+    from dynsdpb_kernels.triton_kernel import triton_fused_rows
+
+    topk = TopkRecord(torch.full((1, 4), 7.0, dtype=torch.bfloat16), torch.full((1, 4), -5), torch.full((1,), 0.5))
+    record = RowRecord(index=torch.tensor([0]), ring_logits=None, stats=torch.zeros(1, 2), topk=topk)
+    logits = torch.zeros(1, 4 * 65535 + 1, dtype=torch.bfloat16)  # 65536 blocks of 4
+    with pytest.raises(ValueError, match="record.topk.*65535 blocks"):
+        triton_fused_rows(logits=logits, labels=torch.zeros(1, dtype=torch.long), teacher_rows=None, teacher_index=None,
+                          teacher_stats=None, config=DistillConfig(tau=TAU), grad_scale=torch.ones(2), compute_grad=False,
+                          record=record, block_v=4)
+    assert (topk.values == 7.0).all() and (topk.support == -5).all() and (topk.tail == 0.5).all()
