@@ -99,7 +99,7 @@ def test_loss_of_teachers_with_stored_log_norm_is_exact(backend, case, dynamic, 
     teacher_index = torch.tensor([0, 1, -1, 3, 4, 5])
     options = LossOptions(distill=config, backend=backend)
     logits = student.clone().requires_grad_(True)
-    loss, _ = dynsdpb_loss_with_grad(logits, labels, rows, teacher_index, stats, options)
+    loss, _, _ = dynsdpb_loss_with_grad(logits, labels, rows, teacher_index, stats, options)
     loss.backward()
     teachers = rows[teacher_index.clamp_min(0)].double()
     truth = truth_dynsdpb(student.double(), labels, teachers, teacher_index >= 0, tau=2.5, dynamic=dynamic,
