@@ -67,3 +67,31 @@ def test_dlb_step_ring(benchmark, storage, dtype, vocab_size):
 
     loss = benchmark.pedantic(dlb_calls, setup=setup, rounds=3)
     assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("teacher_stats", ["from_rows", "given"])
+def test_teacher_stats(benchmark, teacher_stats, dtype, shape):
+    """dynsdpb_loss forward + backward, every row taught, dynamic rule: the teachers' (u, d) computed from their
+    rows by the kernel, or given (`teacher_stats`, as the call that computed the teachers returns them)."""
+    from dynsdpb_kernels import dynsdpb_loss
+
+    n_rows, vocab_size = shape
+    torch.manual_seed(0)
+    logits = torch.randn(shape, device=DEVICE).to(DTYPES[dtype]).requires_grad_(True)
+    teacher = torch.randn(shape, device=DEVICE).to(DTYPES[dtype])
+    labels = torch.randint(0, vocab_size, (n_rows,), device=DEVICE)
+    _, previous = dynsdpb_loss(teacher, labels, return_stats=True)
+    stats = previous.student_stats if teacher_stats == "given" else None
+
+    def step():
+        loss = dynsdpb_loss(logits, labels, teacher, teacher_stats=stats)
+        loss.backward()
+        logits.grad = None
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    loss = benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+    assert torch.isfinite(loss)
