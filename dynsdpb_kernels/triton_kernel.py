@@ -370,6 +370,7 @@ def _merge_ranks(top, ranks, K_BLOCK: tl.constexpr):
     """The K_BLOCK largest of `top` (K_BLOCK ranks, descending) and of the block `ranks`, descending."""
     return tl.topk(tl.reshape(tl.join(top, tl.topk(ranks, K_BLOCK)), [2 * K_BLOCK]), K_BLOCK)
 
+
 @triton.jit
 def _dynsdpb_row_kernel(
     logits_ptr,
@@ -420,6 +421,7 @@ def _dynsdpb_row_kernel(
     SOFTCAP: tl.constexpr,
     K_BLOCK: tl.constexpr,
     RECORD_TOPK: tl.constexpr,
+    PACKED_TOPK: tl.constexpr,
     RECORD_K_BLOCK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SOFTWARE_ROUNDING: tl.constexpr,
@@ -505,7 +507,6 @@ def _dynsdpb_row_kernel(
     key_empty = tl.full([BLOCK_V], KEY_EMPTY, tl.int32)
     index_empty = tl.full([BLOCK_V], INDEX_EMPTY, tl.int32)
     rk1, ri1, rk2, ri2, rk3, ri3 = key_empty, index_empty, key_empty, index_empty, key_empty, index_empty
-    PACKED_TOPK: tl.constexpr = logits_ptr.dtype.element_ty == tl.bfloat16 and not SOFTCAP
     tm_lanes, tm2_lanes, ts_rest_lanes, tent_lanes, ts_tau_lanes = t_floor, t_floor, zeros, zeros, zeros
     for start in range(0, V, BLOCK_V):
         cols = start + lane
@@ -850,10 +851,11 @@ def triton_fused_rows(
         # the record's selection takes k ranks out of one block of candidates: a k above the launcher's
         # block (2048 on a GPU) widens the block of this launch (not among the compile-checked ones)
         blocks = block_config(vocab_size, triton.next_power_of_2(record_k))
-    if record_topk is not None and logits.dtype == torch.bfloat16 and config.softcap is None:
-        if triton.cdiv(vocab_size, blocks.block_v) > 0xFFFF:  # _packed_key holds the block index in 16 bits
-            raise ValueError(f"record.topk: bfloat16 logits of V = {vocab_size} span more than 65535 blocks of "
-                             f"{blocks.block_v}; the Triton kernel's top-k record takes at most that")
+    # bfloat16 logits without softcapping record through packed keys (_packed_key: a 16-bit block index)
+    packed_topk = record_topk is not None and logits.dtype == torch.bfloat16 and config.softcap is None
+    if packed_topk and triton.cdiv(vocab_size, blocks.block_v) > 0xFFFF:
+        raise ValueError(f"record.topk: bfloat16 logits of V = {vocab_size} span more than 65535 blocks of "
+                         f"{blocks.block_v}; the Triton kernel's top-k record takes at most that")
     if record_topk is not None and not 1 <= record_k <= blocks.block_v:
         raise ValueError(
             f"record.topk: the Triton kernel records 1 to {blocks.block_v} (its block of "
@@ -914,6 +916,7 @@ def triton_fused_rows(
         SOFTCAP=config.softcap is not None,
         K_BLOCK=triton.next_power_of_2(teacher_support.shape[1]) if teacher_support is not None else 1,
         RECORD_TOPK=record_topk is not None,
+        PACKED_TOPK=packed_topk,
         RECORD_K_BLOCK=triton.next_power_of_2(record_k),
         BLOCK_V=blocks.block_v,
         SOFTWARE_ROUNDING=triton_interpreted(),
